@@ -1,0 +1,367 @@
+"""Stage 2 — validate: row rules, rejects, and the Great Expectations suite as the batch gate.
+
+Row rules are computed with pyarrow over the whole table (fast, vectorised); every row that breaks
+one goes to `rejects.parquet` with the names of the rules it broke. The versioned GX suite in
+`couplet/suites/couplet_pairs.json` checks the same properties independently (its own regexes and
+pandas kernels) with `mostly = 1 - max_reject_rate`, and builds the Data Docs people inspect.
+A batch-level failure raises `ValidationFailed` with a one-line reason and writes nothing downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from couplet.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from couplet.config import DataConfig
+from couplet.punct import PUNCTUATION
+
+CODE_VERSION = "validate-1"
+SUITE_PATH = Path(__file__).parent / "suites" / "couplet_pairs.json"
+RULES = ("non_empty", "equal_length", "punctuation_aligned", "allowed_chars", "max_length", "up_differs_from_down")
+# CJK Unified Ideographs: Extension A, the basic block, compatibility ideographs, Extensions B-F.
+CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
+N_EXAMPLES = 5
+
+
+class ValidationFailed(RuntimeError):
+    """The batch as a whole is unusable; the message is one line naming the rule(s)."""
+
+
+def _re2_class() -> str:
+    cjk = "".join(f"\\x{{{lo:X}}}-\\x{{{hi:X}}}" for lo, hi in CJK_RANGES)
+    return cjk + "".join(re.escape(ch) for ch in sorted(PUNCTUATION))
+
+
+def python_allowed_regex() -> str:
+    """The allowed-characters rule as a Python regex (what GX's pandas backend evaluates)."""
+    cjk = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in CJK_RANGES)
+    punct = "".join(re.escape(ch) for ch in sorted(PUNCTUATION))
+    return f"^[{cjk}{punct}]+$"
+
+
+def _punct_pattern(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each character becomes `P` (punctuation) or `.` (anything else), e.g. 春风，秋雨 -> ..P..
+
+    Lines without punctuation (most of them) get an empty pattern, which compares equal to the
+    other side's only if that has none either; the regex rewrite runs only where it is needed.
+    """
+    punct = "".join(re.escape(ch) for ch in sorted(PUNCTUATION))
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    has_punct = pc.match_substring_regex(column, f"[{punct}]")
+    subset = column.filter(has_punct)
+    marked = pc.replace_substring_regex(subset, f"[{punct}]", "\x01")
+    dotted = pc.replace_substring_regex(marked, "[^\x01]", ".")
+    pattern = pc.replace_substring(dotted, "\x01", "P")
+    return pc.replace_with_mask(pc.if_else(has_punct, "", ""), has_punct, pattern)
+
+
+def add_rule_columns(table: pa.Table, max_len: int) -> pa.Table:
+    """Derived columns used by the rules and the GX suite."""
+    up, down = table["up"], table["down"]
+    up_len, down_len = pc.utf8_length(up), pc.utf8_length(down)
+    allowed = f"^[{_re2_class()}]+$"
+    return (
+        table.append_column("up_len", up_len)
+        .append_column("down_len", down_len)
+        .append_column("up_punct", _punct_pattern(up))
+        .append_column("down_punct", _punct_pattern(down))
+        .append_column("up_differs", pc.not_equal(up, down))
+        .append_column("chars_ok", pc.and_(pc.match_substring_regex(up, allowed), pc.match_substring_regex(down, allowed)))
+    )
+
+
+def rule_failures(table: pa.Table, max_len: int) -> dict[str, pa.Array]:
+    """For each rule, a boolean array that is true where the row breaks it."""
+    up_len, down_len = table["up_len"], table["down_len"]
+    non_empty_ok = pc.and_(pc.greater(up_len, 0), pc.greater(down_len, 0))
+    return {
+        "non_empty": pc.invert(non_empty_ok),
+        "equal_length": pc.not_equal(up_len, down_len),
+        "punctuation_aligned": pc.and_(pc.equal(up_len, down_len), pc.not_equal(table["up_punct"], table["down_punct"])),
+        "allowed_chars": pc.and_(non_empty_ok, pc.invert(table["chars_ok"])),
+        "max_length": pc.or_(pc.greater(up_len, max_len), pc.greater(down_len, max_len)),
+        "up_differs_from_down": pc.and_(non_empty_ok, pc.invert(table["up_differs"])),
+    }
+
+
+def load_suite_spec(parameters: dict) -> dict:
+    """The suite file with each `{"$PARAMETER": name}` replaced by its value.
+
+    Substituted before GX sees the suite (rather than passed as GX expectation parameters)
+    because GX's Data Docs renderers cannot format a parameterised `mostly`.
+    """
+
+    def fill(node):
+        if isinstance(node, dict):
+            if set(node) == {"$PARAMETER"}:
+                return parameters[node["$PARAMETER"]]
+            return {k: fill(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
+        return node
+
+    return fill(json.loads(SUITE_PATH.read_text(encoding="utf-8")))
+
+
+def suite_version() -> str:
+    return hashlib.sha256(SUITE_PATH.read_bytes()).hexdigest()[:12]
+
+
+def validate_key(ingest_key: str, cfg: DataConfig) -> str:
+    payload = f"{CODE_VERSION}:{suite_version()}:{ingest_key}:{cfg.max_len}:{cfg.max_reject_rate}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- Great Expectations
+
+
+def run_gx_suite(frame, home: Path, cfg: DataConfig, run_name: str) -> dict:
+    """Run the versioned suite on `frame` in the file context under reports/gx; returns success, stats and the docs page."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="file", project_root_dir=str(home / "reports"))
+    if context.variables.progress_bars is None:
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        context.variables.save()
+    spec = load_suite_spec(
+        {
+            "max_len": cfg.max_len,
+            "min_pass_fraction": max(0.0, 1.0 - cfg.max_reject_rate),
+            "allowed_regex": python_allowed_regex(),
+        }
+    )
+    suite = context.suites.add_or_update(
+        gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec["meta"])
+    )
+    source = context.data_sources.add_or_update_pandas(name="couplet_dataset")
+    try:
+        asset = source.get_asset("pairs")
+    except LookupError:
+        asset = source.add_dataframe_asset(name="pairs")
+    try:
+        batch_definition = asset.get_batch_definition("all_rows")
+    except (KeyError, LookupError, ValueError):
+        batch_definition = asset.add_batch_definition_whole_dataframe("all_rows")
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name="couplet_pairs_alignment", data=batch_definition, suite=suite)
+    )
+    checkpoint = context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name="couplet_pairs_checkpoint",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            result_format={"result_format": "SUMMARY"},
+        )
+    )
+    result = checkpoint.run(
+        batch_parameters={"dataframe": frame},
+        run_id=RunIdentifier(run_name=run_name),
+    )
+    identifier, run_result = next(iter(result.run_results.items()))
+    expectations = []
+    for r in run_result.results:
+        cfg_ = r.expectation_config
+        expectations.append(
+            {
+                "expectation": cfg_.type,
+                "column": cfg_.kwargs.get("column") or ",".join(cfg_.kwargs.get("column_list", []) or [])
+                or f"{cfg_.kwargs.get('column_A', '')}={cfg_.kwargs.get('column_B', '')}".strip("="),
+                "rule": (cfg_.meta or {}).get("rule", ""),
+                "success": bool(r.success),
+                "unexpected_percent": round(float(r.result.get("unexpected_percent") or 0.0), 4),
+                "unexpected_count": int(r.result.get("unexpected_count") or 0),
+            }
+        )
+    page = None
+    for site in context.get_docs_sites_urls(resource_identifier=identifier):
+        page = site.get("site_url")
+    index = home / "reports" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    return {"success": bool(result.success), "expectations": expectations, "data_docs_page": page, "data_docs_index": str(index)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _markdown_report(summary: dict) -> str:
+    lines = [
+        f"# Validation of dataset {summary['dataset_version']}",
+        "",
+        f"**{'PASSED' if summary['success'] else 'FAILED'}**" + (f": {summary['reason']}" if summary.get("reason") else ""),
+        "",
+        "| rows in | passed | rejected | reject rate | duplicate rate |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {summary['rows_in']:,} | {summary['rows_passed']:,} | {summary['rejected']:,} | "
+        f"{summary['reject_rate']:.4%} | {summary['duplicate_rate']:.4%} |",
+        "",
+        "## Rejects per rule",
+        "",
+        "| rule | rows | examples (split:line up / down) |",
+        "| --- | --- | --- |",
+    ]
+    for rule in RULES:
+        n = summary["rejects_per_rule"].get(rule, 0)
+        examples = "<br>".join(
+            f"{e['split']}:{e['line_no']} `{e['up'][:40]}` / `{e['down'][:40]}`" for e in summary["examples"].get(rule, [])
+        )
+        lines.append(f"| {rule} | {n:,} | {examples} |")
+    lines += ["", "## Line lengths (upper line, all rows)", "", "| length | rows | |", "| --- | --- | --- |"]
+    peak = max(summary["length_histogram"].values() or [1])
+    for length, n in sorted(summary["length_histogram"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {length} | {n:,} | {'█' * max(1, round(30 * n / peak)) if n else ''} |")
+    lines += ["", "## Great Expectations", "", "| expectation | column | success | unexpected % |", "| --- | --- | --- | --- |"]
+    for e in summary["gx"]["expectations"]:
+        lines.append(f"| {e['expectation']} | {e['column']} | {'✅' if e['success'] else '❌'} | {e['unexpected_percent']:.4f} |")
+    lines += ["", f"Data Docs: {summary['gx'].get('data_docs_page') or summary['gx']['data_docs_index']}", ""]
+    return "\n".join(lines)
+
+
+def _register_report(home: Path, entry: dict) -> None:
+    index_path = home / "reports" / "validation" / "index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {"runs": []}
+    index["runs"].append(entry)
+    atomic_write_json(index_path, index)
+
+
+def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False, flow_run_id: str | None = None) -> dict:
+    """Stage 2. Returns a small manifest; raises ValidationFailed when the batch is unusable."""
+    start = time.perf_counter()
+    key = validate_key(ingest["key"], cfg)
+    out_dir = home / "data" / "processed" / "validate" / key
+    manifest_path = out_dir / "manifest.json"
+    if not force and manifest_path.is_file() and (out_dir / "passed.parquet").is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
+
+    table = add_rule_columns(pq.read_table(ingest["pairs_path"]), cfg.max_len)
+    failures = rule_failures(table, cfg.max_len)
+    any_failure = failures[RULES[0]]
+    for rule in RULES[1:]:
+        any_failure = pc.or_(any_failure, failures[rule])
+    rows_in = table.num_rows
+    rejects = table.filter(any_failure).select(["split", "line_no", "up", "down"])
+    rejected_rules = [pc.filter(failures[rule], any_failure) for rule in RULES]
+    rules_column = pa.array(
+        [[rule for rule, broken in zip(RULES, flags) if broken] for flags in zip(*(a.to_pylist() for a in rejected_rules))]
+        if rejects.num_rows
+        else [],
+        pa.list_(pa.string()),
+    )
+    rejects = rejects.append_column("rules", rules_column)
+    passed = table.filter(pc.invert(any_failure)).select(["split", "line_no", "up", "down"])
+
+    per_rule = {rule: int(pc.sum(failures[rule]).as_py() or 0) for rule in RULES}
+    examples = {}
+    for rule in RULES:
+        if per_rule[rule]:
+            sample = table.filter(failures[rule]).slice(0, N_EXAMPLES).select(["split", "line_no", "up", "down"])
+            examples[rule] = sample.to_pylist()
+    distinct = table.group_by(["up", "down"]).aggregate([]).num_rows
+    lengths = pc.value_counts(table["up_len"]).to_pylist()
+    line_counts = ingest.get("line_counts", {})
+    counts_equal = all(line_counts.get(f"{s}/in.txt") == line_counts.get(f"{s}/out.txt") for s in ("train", "test"))
+
+    now = datetime.now(timezone.utc)
+    run_id = f"{now:%Y%m%dT%H%M%SZ}-{key[:8]}"
+    gx_result = run_gx_suite(
+        table.select(["split", "line_no", "up", "down", "up_len", "down_len", "up_punct", "down_punct", "up_differs"]).to_pandas(),
+        home,
+        cfg,
+        run_name=run_id,
+    )
+    reject_rate = rejects.num_rows / rows_in if rows_in else 1.0
+    reasons = []
+    if rows_in == 0:
+        reasons.append("no rows")
+    if not counts_equal:
+        reasons.append(f"in/out line counts differ: {line_counts}")
+    if reject_rate > cfg.max_reject_rate:
+        broken = ", ".join(f"{rule} {n:,}" for rule, n in per_rule.items() if n)
+        reasons.append(f"{reject_rate:.2%} of rows rejected (max {cfg.max_reject_rate:.2%}): {broken}")
+    failed_gx = [f"{e['expectation']}({e['column']}) {e['unexpected_percent']:.2f}%" for e in gx_result["expectations"] if not e["success"]]
+    if failed_gx and not reasons:
+        reasons.append("expectations failed: " + "; ".join(failed_gx))
+
+    report_dir = home / "reports" / "validation" / run_id
+    summary = {
+        "run_id": run_id,
+        "key": key,
+        "flow_run_id": flow_run_id,
+        "dataset_version": ingest["dataset_version"],
+        "created_at": now.isoformat(timespec="seconds"),
+        "success": not reasons,
+        "reason": "; ".join(reasons),
+        "rows_in": rows_in,
+        "rows_passed": passed.num_rows,
+        "rejected": rejects.num_rows,
+        "reject_rate": reject_rate,
+        "rejects_per_rule": per_rule,
+        "examples": examples,
+        "duplicate_rate": (rows_in - distinct) / rows_in if rows_in else 0.0,
+        "length_histogram": {str(item["values"]): int(item["counts"]) for item in lengths},
+        "line_counts": line_counts,
+        "gx": gx_result,
+        "report_dir": str(report_dir),
+        "report_path": str(report_dir / "report.md"),
+    }
+    report_md = _markdown_report(summary)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(report_dir / "report.md", report_md)
+    atomic_write_json(report_dir / "summary.json", summary)
+    if reasons:
+        pq.write_table(rejects, report_dir / "rejects.parquet", compression="zstd", version="2.6")
+    _register_report(home, {k: summary[k] for k in ("run_id", "key", "flow_run_id", "dataset_version", "created_at", "success", "report_dir")}
+                     | {"data_docs_page": gx_result.get("data_docs_page")})
+    if reasons:
+        raise ValidationFailed(f"validation failed: {summary['reason']} (report: {report_dir / 'report.md'})")
+
+    manifest = {
+        "key": key,
+        "stage": "validate",
+        "dataset_version": ingest["dataset_version"],
+        "ingest_key": ingest["key"],
+        "rows_in": rows_in,
+        "rows_passed": passed.num_rows,
+        "rejected": rejects.num_rows,
+        "rejects_per_rule": per_rule,
+        "duplicate_rate": summary["duplicate_rate"],
+        "passed_path": str(out_dir / "passed.parquet"),
+        "rejects_path": str(out_dir / "rejects.parquet"),
+        "report_path": summary["report_path"],
+        "data_docs_page": gx_result.get("data_docs_page"),
+        "params": {"max_len": cfg.max_len, "max_reject_rate": cfg.max_reject_rate, "suite_version": suite_version()},
+        "code_version": CODE_VERSION,
+    }
+    with atomic_directory(out_dir) as tmp:
+        pq.write_table(passed, tmp / "passed.parquet", compression="zstd", version="2.6")
+        pq.write_table(rejects, tmp / "rejects.parquet", compression="zstd", version="2.6")
+        atomic_write_text(tmp / "report.md", report_md)
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3), "report_md": report_md}
+
+
+def latest_report(home: Path, run: str | None = None) -> dict | None:
+    """The index entry of the newest validation report, or of the run whose id/flow-run id starts with `run`."""
+    try:
+        runs = json.loads((home / "reports" / "validation" / "index.json").read_text(encoding="utf-8"))["runs"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if run:
+        runs = [r for r in runs if r["run_id"].startswith(run) or (r.get("flow_run_id") or "").startswith(run) or r["key"].startswith(run)]
+    return runs[-1] if runs else None
