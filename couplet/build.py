@@ -1,0 +1,182 @@
+"""Stage 3 — build: deterministic splits, the character vocabulary and length-grouped Parquet shards.
+
+- The dataset's test split stays test. Its train split is divided into train/valid by a stable hash
+  of the pair, so re-runs and appended data never move a pair between splits.
+- Exact duplicate pairs are removed; a pair that is in test is removed from train/valid.
+- The vocabulary counts characters of the train split only.
+- Each shard holds one split and one line length, so training batches need no padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from couplet.atomic import atomic_directory, atomic_write_json
+from couplet.config import DataConfig
+from couplet.ingest import sha256_file
+from couplet.vocab import Vocab
+
+CODE_VERSION = "build-1"
+SPLITS = ("train", "valid", "test")
+ROW_GROUP = 65_536
+HASH_BUCKETS = 1_000_000
+
+
+def build_key(validate_key: str, cfg: DataConfig) -> str:
+    payload = f"{CODE_VERSION}:{validate_key}:{cfg.min_count}:{cfg.valid_fraction}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def codepoints(column: pa.ChunkedArray | pa.Array, length: int) -> np.ndarray:
+    """(N, length) uint32 Unicode codepoints of N strings that all have exactly `length` characters."""
+    return column.to_numpy(zero_copy_only=False).astype(f"<U{length}").view(np.uint32).reshape(-1, length)
+
+
+def pair_hash(up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """A stable 64-bit hash of each (up, down) pair from their codepoint rows.
+
+    FNV-1a over the codepoints of `up` then `down`, finished with the splitmix64 mixer so that
+    `hash % n` is uniform. It depends only on the text, never on the process or library versions.
+    """
+    h = np.full(len(up), FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in (*up.T, *down.T):
+            h ^= column.astype(np.uint64)
+            h *= FNV_PRIME
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def first_occurrences(hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct row (hash-grouped, then checked exactly)."""
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    representative = first[inverse]
+    # A 64-bit collision would make two different pairs look equal: keep any row that differs
+    # from its representative.
+    keep = (representative == np.arange(len(rows))) | np.any(rows != rows[representative], axis=1)
+    return np.flatnonzero(keep)
+
+
+def split_length_group(table: pa.Table, length: int, valid_fraction: float) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Dedupe one length group and assign splits. Returns split -> (row indices into `table`, up codepoints, down codepoints)."""
+    up, down = codepoints(table["up"], length), codepoints(table["down"], length)
+    rows = np.concatenate([up, down], axis=1)
+    hashes = pair_hash(up, down)
+    is_test = (table["split"].to_numpy(zero_copy_only=False) == "test")
+    test_idx = np.flatnonzero(is_test)
+    test_idx = test_idx[first_occurrences(hashes[test_idx], rows[test_idx])]
+    train_idx = np.flatnonzero(~is_test)
+    train_idx = train_idx[first_occurrences(hashes[train_idx], rows[train_idx])]
+    # drop train pairs that also appear in test (same hash and same text)
+    in_test = np.isin(hashes[train_idx], hashes[test_idx])
+    if in_test.any():
+        test_rows = {rows[i].tobytes() for i in test_idx[np.isin(hashes[test_idx], hashes[train_idx])]}
+        in_test[in_test] = [rows[i].tobytes() in test_rows for i in train_idx[in_test]]
+        train_idx = train_idx[~in_test]
+    is_valid = (hashes[train_idx] % np.uint64(HASH_BUCKETS)) < np.uint64(round(valid_fraction * HASH_BUCKETS))
+    out = {}
+    for split, idx in (("train", train_idx[~is_valid]), ("valid", train_idx[is_valid]), ("test", test_idx)):
+        out[split] = (idx, up[idx], down[idx])
+    return out
+
+
+def vocab_from_codepoints(train_groups: list[tuple[np.ndarray, np.ndarray]], min_count: int) -> Vocab:
+    """Character counts of the train split (both lines) -> Vocab."""
+    counts = Counter()
+    for up, down in train_groups:
+        values, n = np.unique(np.concatenate([up.ravel(), down.ravel()]), return_counts=True)
+        for cp, c in zip(values.tolist(), n.tolist()):
+            counts[chr(cp)] += c
+    return Vocab.from_counts(counts, min_count=min_count)
+
+
+def _list_column(ids: np.ndarray) -> pa.ListArray:
+    n, length = ids.shape
+    offsets = pa.array(np.arange(0, (n + 1) * length, length, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.int32()))
+
+
+def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "up": group["up"],
+            "down": group["down"],
+            "length": pa.array(np.full(group.num_rows, length, dtype=np.int16)),
+            "up_ids": _list_column(up_ids),
+            "down_ids": _list_column(down_ids),
+        }
+    )
+
+
+def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False) -> dict:
+    """Stage 3. Returns a small manifest: status, key, counts, paths."""
+    start = time.perf_counter()
+    key = build_key(validated["key"], cfg)
+    out_dir = home / "data" / "processed" / "build" / key
+    manifest_path = out_dir / "manifest.json"
+    if not force and manifest_path.is_file() and (out_dir / "vocab.json").is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if all((out_dir / shard["path"]).is_file() for shard in manifest["shards"]):
+            return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
+
+    pairs = pq.read_table(validated["passed_path"], columns=["split", "up", "down"])
+    rows_in = pairs.num_rows
+    line_lengths = pc.utf8_length(pairs["up"])
+    groups: dict[int, tuple[pa.Table, dict]] = {}
+    for length in sorted(pc.unique(line_lengths).to_pylist()):
+        group = pairs.filter(pc.equal(line_lengths, length))
+        groups[length] = (group, split_length_group(group, length, cfg.valid_fraction))
+    vocab = vocab_from_codepoints([parts["train"][1:] for _, parts in groups.values()], cfg.min_count)
+
+    shards, counts, lengths, unk = [], {s: 0 for s in SPLITS}, {s: {} for s in SPLITS}, {s: 0 for s in SPLITS}
+    with atomic_directory(out_dir) as tmp:
+        vocab.save(tmp / "vocab.json")
+        for split in SPLITS:
+            (tmp / split).mkdir()
+        for length, (group, parts) in groups.items():
+            for split in SPLITS:
+                idx, up, down = parts[split]
+                if not len(idx):
+                    continue
+                up_ids, down_ids = vocab.encode_codepoints(up), vocab.encode_codepoints(down)
+                table = shard_table(group.take(pa.array(idx)), length, up_ids, down_ids)
+                rel = f"{split}/len-{length:02d}.parquet"
+                pq.write_table(table, tmp / rel, compression="zstd", version="2.6", row_group_size=ROW_GROUP)
+                shards.append({"split": split, "length": length, "rows": len(idx), "path": rel, "sha256": sha256_file(tmp / rel)})
+                counts[split] += len(idx)
+                lengths[split][str(length)] = len(idx)
+                unk[split] += int(np.count_nonzero(up_ids == 1))
+        manifest = {
+            "key": key,
+            "stage": "build",
+            "dataset_version": validated["dataset_version"],
+            "validate_key": validated["key"],
+            "vocab_size": len(vocab),
+            "rows_in": rows_in,
+            "duplicates_removed": rows_in - sum(counts.values()),
+            "counts": counts,
+            "lengths": lengths,
+            "unk_in_upper": unk,
+            "shards": shards,
+            "params": {"min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction},
+            "build_dir": str(out_dir),
+            "code_version": CODE_VERSION,
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3)}

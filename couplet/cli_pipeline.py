@@ -1,0 +1,99 @@
+"""`couplet run` and `couplet report`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from couplet.cli import app, fail
+from couplet.config import ConfigError, couplet_home, load_config
+
+STAGE_NAMES = ("ingest", "validate", "build", "train", "evaluate")
+
+
+def _prefect_defaults(home: Path) -> None:
+    """Keep Prefect's local state with the project unless the user configured Prefect already."""
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
+        os.environ["PREFECT_HOME"] = str(home / ".prefect")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@app.command()
+def run(
+    source: Optional[str] = typer.Option(None, "--source", help="Dataset URL, .tar.gz or directory (default: data.source)."),
+    until: str = typer.Option("build", "--until", help=f"Last stage: {', '.join(STAGE_NAMES)}."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.max_steps=300 (repeatable)."),
+    force: Optional[str] = typer.Option(None, "--force", help="Re-run this stage and every later one even if cached."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
+) -> None:
+    """Run the pipeline locally through Prefect (its temporary local server; nothing to start)."""
+    if until not in STAGE_NAMES:
+        fail(f"--until must be one of {', '.join(STAGE_NAMES)}, not {until!r}")
+    if force is not None and force not in STAGE_NAMES:
+        fail(f"--force must be one of {', '.join(STAGE_NAMES)}, not {force!r}")
+    try:
+        load_config(config, set_)  # fail fast on bad keys, before Prefect starts
+    except ConfigError as exc:
+        fail(str(exc))
+    home = couplet_home()
+    _prefect_defaults(home)
+    from flows.local_server import temporary_server
+
+    with temporary_server() as wait_until_ready:
+        from flows.pipeline import couplet_pipeline
+
+        wait_until_ready()
+        state = couplet_pipeline(
+            source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, return_state=True
+        )
+        _report(state, as_json)
+
+
+def _report(state, as_json: bool) -> None:
+    if not state.is_completed():
+        message = state.message or state.name
+        try:
+            state.result()
+        except Exception as exc:  # the stage's own one-line error
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if as_json:
+            print(json.dumps({"status": "failed", "error": message}, ensure_ascii=False))
+        fail(message, code=1)
+    summary = state.result()
+    if as_json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        for name, stage in summary["stages"].items():
+            typer.echo(f"{name:<9} {stage['status']:<10} {stage['seconds']:>8.2f} s")
+        typer.echo(f"dataset {summary.get('dataset_version')}  counts {summary.get('counts')}")
+        if summary.get("report"):
+            typer.echo(f"report  {summary['report']}")
+        if summary.get("model"):
+            typer.echo(f"model   {summary['model']}")
+
+
+@app.command()
+def report(
+    run_id: Optional[str] = typer.Option(None, "--run", help="Validation run id, flow-run id or key (prefix)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index entry as JSON."),
+) -> None:
+    """Print where the latest (or a given run's) data-quality report is."""
+    from couplet.validate import latest_report
+
+    entry = latest_report(couplet_home(), run_id)
+    if entry is None:
+        fail(f"no validation report found{' for run ' + run_id if run_id else ''} under {couplet_home() / 'reports'}", code=1)
+    if as_json:
+        print(json.dumps(entry, ensure_ascii=False))
+        return
+    typer.echo(f"report     {Path(entry['report_dir']) / 'report.md'}")
+    typer.echo(f"data docs  {entry.get('data_docs_page') or '-'}")
+    typer.echo(f"run        {entry['run_id']}  {'passed' if entry['success'] else 'FAILED'}  dataset {entry['dataset_version']}")

@@ -1,0 +1,72 @@
+"""Prefect's temporary local server, started early.
+
+Prefect starts the same server by itself (`SubprocessASGIServer`) the first time a flow needs an
+API, but only after the caller has imported the server module (~4 s on 2 cores) and then it waits
+for the subprocess to import it again. Starting the identical uvicorn command first thing lets the
+server boot while the CLI imports the pipeline, which is what keeps a cached `couplet run` short.
+With `PREFECT_API_URL` set (a real server), nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, api_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"temporary Prefect server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"temporary Prefect server did not answer within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def temporary_server(timeout_s: float = 60.0) -> Iterator[callable]:
+    """Start the server now; the yielded function blocks until it answers. Stopped on exit."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield lambda: None
+        return
+    prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
+    port = _free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        yield lambda: _wait_ready(proc, api_url, timeout_s)
+    finally:
+        del os.environ["PREFECT_API_URL"]
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
