@@ -184,7 +184,8 @@ def safe_extract(archive: Path, target: Path) -> None:
     except IngestError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise IngestError(f"archive {archive.name} is corrupt or truncated: {exc}") from None
+        detail = " ".join(str(exc).split())
+        raise IngestError(f"archive {archive.name} is corrupt or truncated: {detail[:200]}") from None
 
 
 # --------------------------------------------------------------------------- raw layer

@@ -86,7 +86,7 @@ def rule_failures(table: pa.Table, max_len: int) -> dict[str, pa.Array]:
     non_empty_ok = pc.and_(pc.greater(up_len, 0), pc.greater(down_len, 0))
     return {
         "non_empty": pc.invert(non_empty_ok),
-        "equal_length": pc.not_equal(up_len, down_len),
+        "equal_length": pc.and_(non_empty_ok, pc.not_equal(up_len, down_len)),
         "punctuation_aligned": pc.and_(pc.equal(up_len, down_len), pc.not_equal(table["up_punct"], table["down_punct"])),
         "allowed_chars": pc.and_(non_empty_ok, pc.invert(table["chars_ok"])),
         "max_length": pc.or_(pc.greater(up_len, max_len), pc.greater(down_len, max_len)),
