@@ -1,0 +1,81 @@
+"""`couplet serve`: the couplet robot over HTTP (API + web page), see couplet/serve.py and docs/serving.md."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+import typer
+
+from couplet.cli import app, fail
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind. The default serves this machine only; pass e.g. 0.0.0.0 to open it to the network."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    model: Optional[str] = typer.Option(None, help="Model directory. Default: the champion in models/registry.json, else the latest trained model."),
+    workers: int = typer.Option(1, min=1, max=64, help="Server processes; each loads the model once."),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch CPU threads per process (1 is fastest for single requests; see docs/serving.md)."),
+    device: str = typer.Option("cpu", help="torch device for inference."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Answer concurrent requests in batches from one inference thread (fastest), or one by one in the threadpool."),
+    http: str = typer.Option("auto", help="uvicorn HTTP parser: auto (httptools if installed) | h11 | httptools."),
+    loop: str = typer.Option("auto", help="uvicorn event loop: auto (uvloop if installed) | asyncio | uvloop."),
+    log_level: str = typer.Option("warning", help="uvicorn log level (critical|error|warning|info|debug)."),
+) -> None:
+    """Serve the couplet robot: POST /api/match, GET /healthz, the web page at /, OpenAPI at /openapi.json."""
+    import uvicorn
+
+    from couplet.predictor import InputError, Predictor, resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(model)
+    except (FileNotFoundError, InputError, ValueError, OSError) as exc:
+        fail(f"no model to serve: {' '.join(str(exc).split())}")
+    if not _port_free(host, port):
+        fail(f"cannot listen on {host}:{port}: address in use or not available (choose another with --port/--host)")
+
+    server_kwargs = dict(
+        host=host,
+        port=port,
+        http=http,
+        loop=loop,
+        log_level=log_level,
+        access_log=False,  # per-request logging costs more than the inference itself
+        timeout_keep_alive=30,
+        limit_concurrency=1024,  # beyond this, new connections get 503 instead of piling up
+        server_header=False,
+    )
+    typer.echo(f"couplet: serving {model_dir} on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl+C stops)", err=True)
+    if workers == 1:
+        try:
+            predictor = Predictor.load(model_dir, device=device, num_threads=threads)  # once; shared by every request
+        except (OSError, ValueError, KeyError) as exc:
+            fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
+        from couplet.serve import create_app
+
+        uvicorn.run(create_app(predictor, batching=batching), **server_kwargs)
+    else:
+        try:  # fail here, once, with a clear message rather than in every worker
+            Predictor.load(model_dir, device=device)
+        except (OSError, ValueError, KeyError) as exc:
+            fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
+        # uvicorn's multi-process mode needs an import string; each worker loads the model once.
+        os.environ["COUPLET_SERVE_MODEL"] = str(model_dir)
+        os.environ["COUPLET_SERVE_DEVICE"] = device
+        os.environ["COUPLET_SERVE_BATCHING"] = "1" if batching else "0"
+        if threads:
+            os.environ["COUPLET_SERVE_THREADS"] = str(threads)
+        uvicorn.run("couplet.serve:app_from_env", factory=True, workers=workers, **server_kwargs)
