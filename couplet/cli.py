@@ -18,6 +18,7 @@ app = typer.Typer(
 # Modules that define commands with `@app.command()`; imported lazily so `couplet --help` stays fast.
 COMMAND_MODULES = [
     "couplet.cli_pipeline",  # run, report
+    "couplet.cli_model",  # match, evaluate
     "couplet.cli_serve",  # serve
 ]
 

@@ -1,0 +1,168 @@
+"""Evaluate a predictor on (upper, reference) pairs, and the decoding ablation.
+
+- `read_pair_files(in_path, out_path)`: the dataset's format (one half-line per line, characters
+  separated by spaces, a trailing space; a BOM and CRLF line ends are tolerated).
+- `evaluate_pairs(predictor, uppers, references)`: decode every upper line (batched) and score the
+  predictions with `couplet.metrics.compute_metrics`.
+- `ablation(predictor, uppers, references)`: the same metrics for each decoding variant, from the
+  seed's argmax to every couplet constraint (each model call is shared by all variants).
+
+Characters missing from the model's vocabulary are fed to the model as UNK here (test sets contain
+rare characters); lines that still cannot be answered (empty, too long, Latin letters) get an empty
+prediction and are counted in `n_unanswerable`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from couplet.decode import ARGMAX, DecodeOptions, decode
+from couplet.metrics import compute_metrics
+from couplet.predictor import InputError, Predictor
+
+# The decoding-ablation rows: each constraint alone on top of the seed's argmax, then combined.
+ABLATION_VARIANTS: list[tuple[str, DecodeOptions]] = [
+    ("argmax (seed)", ARGMAX),
+    ("+no-copy", DecodeOptions(no_copy=True, punctuation=False, repetition=False, tone=False)),
+    ("+punctuation", DecodeOptions(no_copy=False, punctuation=True, repetition=False, tone=False)),
+    ("+repetition", DecodeOptions(no_copy=False, punctuation=False, repetition=True, tone=False)),
+    ("+tone", DecodeOptions(no_copy=False, punctuation=False, repetition=False, tone=True)),
+    ("constrained (default)", DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=False)),
+    ("all (+tone)", DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=True)),
+]
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {path}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    lines = text.split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()  # the final newline
+    return ["".join(line.split()) for line in lines]
+
+
+def read_pair_files(in_path: str | os.PathLike, out_path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Upper lines from `in_path` and reference lower lines from `out_path`, spaces removed."""
+    uppers = _read_lines(Path(in_path))
+    references = _read_lines(Path(out_path))
+    if len(uppers) != len(references):
+        raise ValueError(
+            f"{in_path} has {len(uppers)} lines but {out_path} has {len(references)}; they must pair line by line"
+        )
+    return uppers, references
+
+
+def _prepare_all(predictor: Predictor, uppers: Sequence[str]) -> tuple[list[str | None], int]:
+    prepared: list[str | None] = []
+    bad = 0
+    for line in uppers:
+        try:
+            prepared.append(predictor.prepare(line, allow_unknown=True))
+        except InputError:
+            prepared.append(None)
+            bad += 1
+    return prepared, bad
+
+
+def _decode_all(
+    predictor: Predictor, uppers: Sequence[str], variants: Sequence[DecodeOptions], batch_size: int
+) -> tuple[list[list[str]], int]:
+    """Best lower line of every upper line under each decoding variant (one model call per batch)."""
+    prepared, bad = _prepare_all(predictor, uppers)
+    out = [[""] * len(uppers) for _ in variants]
+    by_length: dict[int, list[int]] = {}
+    for i, text in enumerate(prepared):
+        if text is not None:
+            by_length.setdefault(len(text), []).append(i)
+    for idx in by_length.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            lps = predictor.log_probs([prepared[i] for i in chunk])
+            for row, i in enumerate(chunk):
+                for v, options in enumerate(variants):
+                    res = decode(prepared[i], lps[row], predictor.vocab, top_k=1, options=options)
+                    out[v][i] = res.candidates[0][0] if res.candidates else ""
+    return out, bad
+
+
+def evaluate_pairs(
+    predictor: Predictor,
+    uppers: Sequence[str],
+    references: Sequence[str],
+    *,
+    constrained: bool = True,
+    tone: bool = False,
+    batch_size: int = 512,
+) -> tuple[dict, list[str]]:
+    """(metrics, predictions): decode every upper line and score against the references."""
+    if len(uppers) != len(references):
+        raise ValueError(f"{len(uppers)} upper lines but {len(references)} references")
+    options = DecodeOptions.from_flags(constrained=constrained, tone=tone)
+    results = predictor.match_batch(
+        uppers, top_k=1, options=options, allow_unknown=True, errors="return", batch_size=batch_size
+    )
+    predictions = [r.best if not isinstance(r, InputError) else "" for r in results]
+    bad = sum(isinstance(r, InputError) for r in results)
+    refs = ["".join(r.split()) for r in references]
+    ups = ["".join(u.split()) for u in uppers]
+    metrics = compute_metrics(ups, refs, predictions)
+    metrics["n_unanswerable"] = bad
+    metrics["decoding"] = options.names() or ["argmax"]
+    metrics["model"] = predictor.model_id
+    return metrics, predictions
+
+
+def ablation(
+    predictor: Predictor,
+    uppers: Sequence[str],
+    references: Sequence[str],
+    *,
+    batch_size: int = 512,
+    variants: Sequence[tuple[str, DecodeOptions]] = tuple(ABLATION_VARIANTS),
+) -> list[dict]:
+    """One metrics row per decoding variant (`decoding`: its name, `constraints`: what it enforces)."""
+    if len(uppers) != len(references):
+        raise ValueError(f"{len(uppers)} upper lines but {len(references)} references")
+    all_predictions, bad = _decode_all(predictor, uppers, [options for _, options in variants], batch_size)
+    refs = ["".join(r.split()) for r in references]
+    ups = ["".join(u.split()) for u in uppers]
+    rows = []
+    for (name, options), predictions in zip(variants, all_predictions):
+        metrics = compute_metrics(ups, refs, predictions)
+        rows.append({"decoding": name, "constraints": options.names(), "n_unanswerable": bad, **metrics})
+    return rows
+
+
+ABLATION_COLUMNS = [
+    ("bleu", "BLEU", "{:.2f}"),
+    ("char_accuracy", "char acc", "{:.3f}"),
+    ("exact_match", "exact", "{:.3f}"),
+    ("copy_rate", "copy", "{:.3f}"),
+    ("punct_match", "punct", "{:.3f}"),
+    ("repetition_match", "repetition", "{:.3f}"),
+    ("tone_rate", "tone", "{:.3f}"),
+    ("boundary_f1", "boundary F1", "{:.3f}"),
+]
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    """The ablation rows as a Markdown table (plus a references row for the structure columns)."""
+    head = "| decoding | " + " | ".join(label for _, label, _ in ABLATION_COLUMNS) + " |"
+    sep = "| --- | " + " | ".join("---:" for _ in ABLATION_COLUMNS) + " |"
+    lines = [head, sep]
+    for row in rows:
+        cells = [fmt.format(row[key]) for key, _, fmt in ABLATION_COLUMNS]
+        lines.append(f"| {row['decoding']} | " + " | ".join(cells) + " |")
+    if rows:
+        ref = rows[0]["references"]
+        cells = [fmt.format(ref[key]) if key in ref else "" for key, _, fmt in ABLATION_COLUMNS]
+        lines.append("| *references* | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,193 @@
+"""Couplet metrics over lists of (upper, reference, prediction).
+
+`compute_metrics` returns a flat dict (JSON-ready):
+
+Accuracy against the reference lower line (下联):
+- `char_accuracy`: matching characters at the same position / reference characters;
+- `exact_match`: share of lines predicted exactly;
+- `bleu`: sacrebleu corpus BLEU (0-100) over characters. Both sides are written as characters
+  separated by spaces and scored with `tokenize="none"`, so every character (Han, punctuation or
+  other) is one token and nothing depends on sacrebleu's Chinese tokenizer rules.
+
+Couplet structure of the predictions (each a rate in [0, 1]; the same keys computed for the
+references are under `references`, so a reader sees what real couplets score):
+- `length_match`: len(lower) == len(upper);
+- `punct_match`: punctuation at exactly the same positions (the marks may differ);
+- `repetition_match`: for all i < j, upper[i] == upper[j]  <=>  lower[i] == lower[j];
+- `copy_rate`: share of non-punctuation positions with lower[i] == upper[i] (the decoder keeps
+  this at 0); `copy_line_rate`: share of lines with at least one such copy;
+- `tone_rate`: among lines whose upper line ends in a 仄 tone (`tone_applicable` of them), the
+  share whose lower line ends in a 平 tone at the same position (tones as in `couplet.decode`:
+  pypinyin TONE3 default reading of the character alone; "ends" = last non-punctuation character);
+- `boundary_exact`: share of lines whose jieba word boundaries (the offsets between words,
+  excluding 0 and the line length) are identical for upper and lower;
+- `boundary_f1`: mean over lines of the F1 between the two boundary sets (upper's boundaries
+  as reference; a line where both have no inner boundary scores 1).
+Lines whose lengths differ fail every positional structure check.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from couplet.decode import PING, ZE, char_tone, final_position
+from couplet.punct import is_punct
+
+_JIEBA = None
+
+
+def _jieba():
+    global _JIEBA
+    if _JIEBA is None:
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        jieba.initialize()
+        _JIEBA = jieba
+    return _JIEBA
+
+
+def word_boundaries(line: str, cache: dict[str, frozenset[int]] | None = None) -> frozenset[int]:
+    """Inner word-boundary offsets of `line` under jieba's default (precise) segmentation."""
+    if cache is not None and line in cache:
+        return cache[line]
+    offsets = []
+    pos = 0
+    for word in _jieba().cut(line, HMM=True):
+        pos += len(word)
+        offsets.append(pos)
+    result = frozenset(offsets[:-1])
+    if cache is not None:
+        cache[line] = result
+    return result
+
+
+def punct_match(upper: str, lower: str) -> bool:
+    return len(upper) == len(lower) and all(is_punct(a) == is_punct(b) for a, b in zip(upper, lower))
+
+
+def repetition_match(upper: str, lower: str) -> bool:
+    """upper[i] == upper[j] <=> lower[i] == lower[j] for every pair of positions."""
+    if len(upper) != len(lower):
+        return False
+    # the structure matches iff the character-to-character map is a bijection on the pairs seen
+    forward: dict[str, str] = {}
+    backward: dict[str, str] = {}
+    for a, b in zip(upper, lower):
+        if forward.setdefault(a, b) != b or backward.setdefault(b, a) != a:
+            return False
+    return True
+
+
+def copies(upper: str, lower: str) -> tuple[int, int]:
+    """(same-position copies, non-punctuation positions compared)."""
+    n = copied = 0
+    for a, b in zip(upper, lower):
+        if is_punct(a):
+            continue
+        n += 1
+        copied += a == b
+    return copied, n
+
+
+def tone_rule(upper: str, lower: str) -> bool | None:
+    """None if the rule does not apply (upper does not end in 仄); else whether lower ends in 平."""
+    pos = final_position(upper)
+    if pos is None or char_tone(upper[pos]) != ZE:
+        return None
+    if len(lower) != len(upper):
+        return False
+    return char_tone(lower[pos]) == PING
+
+
+def _boundary_f1(ref: frozenset[int], hyp: frozenset[int]) -> float:
+    if not ref and not hyp:
+        return 1.0
+    hit = len(ref & hyp)
+    if hit == 0:
+        return 0.0
+    precision, recall = hit / len(hyp), hit / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def structure_metrics(
+    uppers: Sequence[str], lowers: Sequence[str], *, seg_cache: dict[str, frozenset[int]] | None = None
+) -> dict[str, float | int]:
+    """The couplet-structure rates of `lowers` against their `uppers` (see module doc)."""
+    n = len(uppers)
+    if n != len(lowers):
+        raise ValueError(f"{n} upper lines but {len(lowers)} lower lines")
+    cache = seg_cache if seg_cache is not None else {}
+    length_ok = punct_ok = rep_ok = copy_lines = 0
+    copied = compared = 0
+    tone_applicable = tone_ok = 0
+    boundary_exact = 0
+    boundary_f1 = 0.0
+    for upper, lower in zip(uppers, lowers):
+        same_len = len(upper) == len(lower)
+        length_ok += same_len
+        punct_ok += punct_match(upper, lower)
+        rep_ok += repetition_match(upper, lower)
+        c, k = copies(upper, lower)
+        copied += c
+        compared += k
+        copy_lines += c > 0
+        rule = tone_rule(upper, lower)
+        if rule is not None:
+            tone_applicable += 1
+            tone_ok += rule
+        if same_len:
+            bu = word_boundaries(upper, cache)
+            bl = word_boundaries(lower, cache)
+            boundary_exact += bu == bl
+            boundary_f1 += _boundary_f1(bu, bl)
+    rate = (lambda x: x / n) if n else (lambda x: 0.0)
+    return {
+        "length_match": rate(length_ok),
+        "punct_match": rate(punct_ok),
+        "repetition_match": rate(rep_ok),
+        "copy_rate": copied / compared if compared else 0.0,
+        "copy_line_rate": rate(copy_lines),
+        "tone_rate": tone_ok / tone_applicable if tone_applicable else 0.0,
+        "tone_applicable": tone_applicable,
+        "boundary_exact": rate(boundary_exact),
+        "boundary_f1": rate(boundary_f1),
+    }
+
+
+def corpus_bleu(references: Sequence[str], predictions: Sequence[str]) -> float:
+    """Character-level corpus BLEU (0-100): characters separated by spaces, tokenize='none'."""
+    import sacrebleu
+
+    if not predictions:
+        return 0.0
+    hyps = [" ".join(p) for p in predictions]
+    refs = [" ".join(r) for r in references]
+    return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score)
+
+
+def compute_metrics(
+    uppers: Sequence[str], references: Sequence[str], predictions: Sequence[str]
+) -> dict[str, object]:
+    """Accuracy, BLEU and couplet-structure rates (module doc lists every key)."""
+    if not (len(uppers) == len(references) == len(predictions)):
+        raise ValueError(
+            f"need equally many lines: {len(uppers)} upper, {len(references)} reference, {len(predictions)} predicted"
+        )
+    n = len(uppers)
+    correct = total = exact = 0
+    for ref, pred in zip(references, predictions):
+        total += len(ref)
+        correct += sum(a == b for a, b in zip(ref, pred))
+        exact += ref == pred
+    cache: dict[str, frozenset[int]] = {}
+    metrics: dict[str, object] = {
+        "n": n,
+        "char_accuracy": correct / total if total else 0.0,
+        "exact_match": exact / n if n else 0.0,
+        "bleu": corpus_bleu(references, predictions),
+    }
+    metrics.update(structure_metrics(uppers, predictions, seg_cache=cache))
+    metrics["references"] = structure_metrics(uppers, references, seg_cache=cache)
+    return metrics

@@ -1,0 +1,262 @@
+"""The one way to ask a trained model for lower lines (下联).
+
+    predictor = Predictor.load(resolve_model_dir(None))     # loads once
+    predictor.match("春风得意马蹄疾", top_k=3)               # -> MatchResult
+    predictor.match_batch(lines)                             # equal-length lines share one model call
+
+Input is normalised (surrounding and inner whitespace removed, so the dataset's space-separated
+form works; ASCII ,;:?!. become their full-width forms when only those are in the vocabulary)
+and validated; anything unusable raises `InputError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from couplet.config import Config, DataConfig, couplet_home
+from couplet.decode import DecodeOptions, decode
+from couplet.vocab import UNK, Vocab
+
+MODEL_FILES = ("model.safetensors", "vocab.json", "config.json")
+_LATIN = re.compile(r"[A-Za-z0-9\uFF10-\uFF19\uFF21-\uFF3A\uFF41-\uFF5A]")
+_FULL_WIDTH = {",": "，", ";": "；", ":": "：", "?": "？", "!": "！", ".": "。"}
+
+
+class InputError(ValueError):
+    """An upper line the model cannot answer (the message is one line, fit to show a user)."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No usable model directory."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    lower: str
+    score: float  # total log-probability of the line under the model
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    upper: str  # the upper line as answered (after normalisation)
+    candidates: list[Candidate]  # best first
+    constraints: list[str]  # couplet constraints enforced (see couplet.decode)
+    model_id: str
+    relaxed: list[str] = field(default_factory=list)  # constraints dropped because nothing satisfied them
+
+    @property
+    def best(self) -> str:
+        return self.candidates[0].lower if self.candidates else ""
+
+    def to_dict(self) -> dict:
+        return {
+            "upper": self.upper,
+            "candidates": [asdict(c) for c in self.candidates],
+            "constraints": list(self.constraints),
+            "model": self.model_id,
+        }
+
+
+# --------------------------------------------------------------------------- finding a model
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in MODEL_FILES)
+
+
+def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
+    """The model directory to use.
+
+    An explicit `model` path must be a model dir (model.safetensors, vocab.json, config.json).
+    Otherwise: the `champion` of `$COUPLET_HOME/models/registry.json` if that file names one,
+    else the newest `$COUPLET_HOME/models/*/` holding a model.safetensors (by its mtime).
+    """
+    if model is not None and str(model).strip():
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"model directory not found: {path}")
+        missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+        if not path.is_dir() or missing:
+            raise ModelNotFoundError(f"{path} is not a model directory (missing: {', '.join(missing) or 'directory'})")
+        return path.resolve()
+    models = couplet_home() / "models"
+    registry = models / "registry.json"
+    if registry.is_file():
+        try:
+            champion = json.loads(registry.read_text(encoding="utf-8")).get("champion")
+        except (json.JSONDecodeError, AttributeError, OSError) as exc:
+            raise ModelNotFoundError(f"cannot read {registry}: {' '.join(str(exc).split())}") from None
+        if champion:
+            path = models / str(champion)
+            if not is_model_dir(path):
+                raise ModelNotFoundError(f"{registry} names champion {champion!r} but {path} is not a model directory")
+            return path.resolve()
+    found = []
+    if models.is_dir():
+        for child in models.iterdir():
+            if child.name.startswith(".") or not (child / "model.safetensors").is_file():
+                continue
+            found.append(((child / "model.safetensors").stat().st_mtime, child.name, child))
+    if not found:
+        raise ModelNotFoundError(f"no trained model found under {models}; run `couplet run --until train` first")
+    return max(found)[2].resolve()
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+class Predictor:
+    """A loaded labeller plus its vocabulary; answers upper lines with decoded lower lines."""
+
+    def __init__(self, model, vocab: Vocab, config: Config | None = None, *, model_id: str = "unknown", device: str = "cpu"):
+        self.model = model
+        self.vocab = vocab
+        self.config = config if config is not None else Config()
+        self.model_id = model_id
+        self.device = device
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: str = "cpu", num_threads: int | None = None) -> "Predictor":
+        """Load a model dir once. `num_threads` sets torch's CPU threads (None: leave as is)."""
+        import torch
+
+        from couplet.model import load_labeller
+
+        path = Path(model_dir)
+        if not is_model_dir(path):
+            raise ModelNotFoundError(f"{path} is not a model directory (needs {', '.join(MODEL_FILES)})")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        model, vocab, config = load_labeller(path, device=device)
+        return cls(model, vocab, config, model_id=path.resolve().name, device=device)
+
+    @property
+    def max_len(self) -> int:
+        data = getattr(self.config, "data", None)
+        return int(getattr(data, "max_len", DataConfig().max_len))
+
+    # ----------------------------------------------------------------- input
+
+    def prepare(self, upper: str, *, allow_unknown: bool = False) -> str:
+        """Normalise and validate one upper line; raises InputError. `allow_unknown` lets OOV characters through (as UNK)."""
+        if not isinstance(upper, str):
+            raise InputError(f"input must be text, got {type(upper).__name__}")
+        text = "".join(upper.split())
+        if not text:
+            raise InputError("empty input: give an upper line (上联) of Chinese characters")
+        latin = list(dict.fromkeys(_LATIN.findall(text)))
+        if latin:
+            raise InputError(
+                f"input must be Chinese characters; found Latin letters or digits: {', '.join(latin)}"
+            )
+        if len(text) > self.max_len:
+            raise InputError(f"input is {len(text)} characters long; this model accepts at most {self.max_len}")
+        stoi = self.vocab.stoi
+        if any(ch in _FULL_WIDTH for ch in text):
+            text = "".join(
+                _FULL_WIDTH[ch] if ch in _FULL_WIDTH and ch not in stoi and _FULL_WIDTH[ch] in stoi else ch for ch in text
+            )
+        if not allow_unknown:
+            unknown = [ch for ch in dict.fromkeys(text) if ch not in stoi or stoi[ch] < 2]
+            if unknown:
+                raise InputError(f"characters not in the model's vocabulary: {', '.join(unknown)}")
+        return text
+
+    # ----------------------------------------------------------------- model
+
+    def log_probs(self, lines: Sequence[str]) -> np.ndarray:
+        """(B, L, V) float32 log-probabilities for equally long, already prepared lines."""
+        import torch
+
+        if not lines:
+            return np.zeros((0, 0, len(self.vocab)), dtype=np.float32)
+        stoi = self.vocab.stoi
+        ids = torch.tensor([[stoi.get(ch, UNK) for ch in line] for line in lines], dtype=torch.long)
+        with torch.inference_mode():
+            out = self.model.log_probs(ids.to(self.device) if self.device != "cpu" else ids)
+            out = out.float()
+            if out.device.type != "cpu":
+                out = out.cpu()
+            return out.numpy()
+
+    # ----------------------------------------------------------------- answering
+
+    @staticmethod
+    def _options(constrained: bool, tone: bool, options: DecodeOptions | None) -> DecodeOptions:
+        return options if options is not None else DecodeOptions.from_flags(constrained=constrained, tone=tone)
+
+    def _result(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions) -> MatchResult:
+        res = decode(upper, log_probs, self.vocab, top_k=top_k, options=options)
+        return MatchResult(
+            upper=upper,
+            candidates=[Candidate(lower, score) for lower, score in res.candidates],
+            constraints=res.constraints,
+            model_id=self.model_id,
+            relaxed=res.relaxed,
+        )
+
+    def match(
+        self,
+        upper: str,
+        top_k: int = 1,
+        constrained: bool = True,
+        tone: bool = False,
+        *,
+        options: DecodeOptions | None = None,
+        allow_unknown: bool = False,
+    ) -> MatchResult:
+        """The `top_k` best lower lines for one upper line. `options` (if given) overrides constrained/tone."""
+        _check_top_k(top_k)
+        text = self.prepare(upper, allow_unknown=allow_unknown)
+        lp = self.log_probs([text])[0]
+        return self._result(text, lp, top_k, self._options(constrained, tone, options))
+
+    def match_batch(
+        self,
+        uppers: Sequence[str],
+        top_k: int = 1,
+        constrained: bool = True,
+        tone: bool = False,
+        *,
+        options: DecodeOptions | None = None,
+        allow_unknown: bool = False,
+        errors: Literal["raise", "return"] = "raise",
+        batch_size: int = 512,
+    ) -> list[MatchResult | InputError]:
+        """Answer many lines; equal-length lines share model calls of up to `batch_size` lines.
+
+        Results come back in input order. A bad line raises its InputError (errors="raise", the
+        default) or is answered by the InputError object in its slot (errors="return").
+        """
+        _check_top_k(top_k)
+        opts = self._options(constrained, tone, options)
+        results: list[MatchResult | InputError | None] = [None] * len(uppers)
+        by_length: dict[int, list[tuple[int, str]]] = {}
+        for i, raw in enumerate(uppers):
+            try:
+                text = self.prepare(raw, allow_unknown=allow_unknown)
+            except InputError as exc:
+                if errors == "raise":
+                    raise
+                results[i] = exc
+                continue
+            by_length.setdefault(len(text), []).append((i, text))
+        for group in by_length.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                lp = self.log_probs([text for _, text in chunk])
+                for row, (i, text) in enumerate(chunk):
+                    results[i] = self._result(text, lp[row], top_k, opts)
+        return results  # type: ignore[return-value]
+
+
+def _check_top_k(top_k: int) -> None:
+    if not isinstance(top_k, int) or top_k < 1 or top_k > 100:
+        raise InputError(f"top_k must be an integer from 1 to 100, got {top_k!r}")

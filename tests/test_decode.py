@@ -1,0 +1,280 @@
+"""The couplet decoder: constraints always hold, top-k is the exact optimum, and it is fast."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from couplet.decode import (
+    ARGMAX,
+    CONSTRAINED,
+    PING,
+    ZE,
+    DecodeOptions,
+    char_tone,
+    decode,
+    decode_argmax,
+    final_position,
+    final_tone,
+)
+from couplet.metrics import repetition_match
+from couplet.punct import PUNCTUATION, is_punct
+from couplet.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
+
+PING_CHARS = "天风花春山红人云"
+ZE_CHARS = "月雨水柳树地夜草"
+NO_TONE = "的了"
+MARKS = "，。！"
+VOCAB = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *PING_CHARS, *ZE_CHARS, *NO_TONE, *MARKS])
+
+
+def _log_probs(seed: int, length: int, vocab: Vocab = VOCAB, scale: float = 3.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((length, len(vocab))) * scale
+    logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return logits.astype(np.float32)
+
+
+def _line_score(lp: np.ndarray, lower: str, vocab: Vocab) -> float:
+    return float(sum(lp[i, vocab.stoi[ch]] for i, ch in enumerate(lower) if ch in vocab.stoi))
+
+
+def _satisfies(upper: str, lower: str, options: DecodeOptions) -> bool:
+    """The constraints, written independently of the decoder (position by position)."""
+    if len(lower) != len(upper):
+        return False
+    for u, l in zip(upper, lower):
+        if options.punctuation:
+            if is_punct(u) and l != u:
+                return False
+            if not is_punct(u) and is_punct(l):
+                return False
+        if options.no_copy and l == u and not (options.punctuation and is_punct(u)):
+            return False
+    if options.repetition and not repetition_match(upper, lower):
+        return False
+    if options.tone and final_tone(upper) == ZE:
+        if char_tone(lower[final_position(upper)]) != PING:
+            return False
+    return True
+
+
+def _brute_force(upper: str, lp: np.ndarray, vocab: Vocab, options: DecodeOptions) -> list[tuple[str, float]]:
+    chars = vocab.itos[2:]
+    out = []
+    for combo in itertools.product(chars, repeat=len(upper)):
+        lower = "".join(combo)
+        if _satisfies(upper, lower, options):
+            out.append((lower, _line_score(lp, lower, vocab)))
+    out.sort(key=lambda item: -item[1])
+    return out
+
+
+upper_lines = st.lists(
+    st.sampled_from(PING_CHARS[:4] + ZE_CHARS[:4] + "，的"), min_size=1, max_size=9
+).map("".join)
+all_options = st.builds(DecodeOptions, st.booleans(), st.booleans(), st.booleans(), st.booleans())
+
+
+# --------------------------------------------------------------------------- constraints always hold
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(upper=upper_lines, seed=st.integers(0, 2**31), top_k=st.integers(1, 5), tone=st.booleans())
+def test_constrained_decoding_keeps_every_constraint(upper, seed, top_k, tone):
+    lp = _log_probs(seed, len(upper))
+    options = DecodeOptions(tone=tone)
+    res = decode(upper, lp, VOCAB, top_k=top_k, options=options)
+    assert res.relaxed == []
+    assert 1 <= len(res.candidates) <= top_k
+    lowers = [lower for lower, _ in res.candidates]
+    assert len(set(lowers)) == len(lowers)
+    scores = [score for _, score in res.candidates]
+    assert scores == sorted(scores, reverse=True)
+    for lower, score in res.candidates:
+        assert len(lower) == len(upper)
+        assert PAD_TOKEN not in lower and UNK_TOKEN not in lower
+        for u, l in zip(upper, lower):
+            if is_punct(u):
+                assert l == u  # the mark is copied
+            else:
+                assert not is_punct(l) and l != u  # no punctuation, no same-position copy
+        assert repetition_match(upper, lower)  # 叠字 stays 叠字, distinct stays distinct
+        if tone and final_tone(upper) == ZE:
+            assert char_tone(lower[final_position(upper)]) == PING
+        assert score == pytest.approx(_line_score(lp, lower, VOCAB), abs=1e-4)
+    assert "tone" in res.constraints if tone and final_tone(upper) == ZE else "tone" not in res.constraints
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    upper=st.lists(st.sampled_from("天月风雨，的"), min_size=1, max_size=4).map("".join),
+    seed=st.integers(0, 2**31),
+    top_k=st.integers(1, 4),
+    options=all_options,
+)
+def test_top_k_equals_brute_force(upper, seed, top_k, options):
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月雨水的，。"])
+    lp = _log_probs(seed, len(upper), vocab)
+    expected = _brute_force(upper, lp, vocab, options)[:top_k]
+    got = decode(upper, lp, vocab, top_k=top_k, options=options)
+    assert got.relaxed == []
+    assert [s for _, s in got.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)
+    for lower, _ in got.candidates:
+        assert _satisfies(upper, lower, options)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    upper=st.lists(st.sampled_from("天月风雨，的"), min_size=1, max_size=4).map("".join),
+    seed=st.integers(0, 2**31),
+    top_k=st.integers(1, 4),
+)
+def test_murty_fallback_is_exact_too(upper, seed, top_k):
+    """With no search budget the decoder finishes with Murty's algorithm; same answers."""
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月雨水的，。"])
+    lp = _log_probs(seed, len(upper), vocab)
+    expected = _brute_force(upper, lp, vocab, CONSTRAINED)[:top_k]
+    got = decode(upper, lp, vocab, top_k=top_k, options=CONSTRAINED, max_pops=0)
+    assert [s for _, s in got.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)
+
+
+def test_top1_is_the_assignment_optimum_on_long_lines_with_conflicts():
+    """All groups want the same few characters: top-1 must equal the Hungarian optimum."""
+    from scipy.optimize import linear_sum_assignment
+
+    chars = [chr(0x4E00 + i) for i in range(60)]
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *chars])
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        length = int(rng.integers(8, 25))
+        upper = "".join(rng.choice(chars[:12], size=length))  # many repeats
+        base = rng.standard_normal(len(vocab)) * 4  # shared preferences -> many conflicts
+        lp = (base + rng.standard_normal((length, len(vocab)))).astype(np.float32)
+        res = decode(upper, lp, vocab, top_k=3, options=CONSTRAINED)
+        groups = list(dict.fromkeys(upper))
+        weights = np.stack([lp[[i for i, ch in enumerate(upper) if ch == g]].sum(axis=0) for g in groups])
+        weights[:, :2] = -1e9  # PAD, UNK
+        for r, g in enumerate(groups):
+            weights[r, vocab.stoi[g]] = -1e9  # no copy
+        rows, cols = linear_sum_assignment(weights, maximize=True)
+        assert res.candidates[0][1] == pytest.approx(float(weights[rows, cols].sum()), abs=1e-3)
+        assert [s for _, s in res.candidates] == sorted((s for _, s in res.candidates), reverse=True)
+        budgetless = decode(upper, lp, vocab, top_k=3, options=CONSTRAINED, max_pops=0)
+        assert [s for _, s in budgetless.candidates] == pytest.approx([s for _, s in res.candidates], abs=1e-3)
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_argmax_mode_is_the_seed_decoding_without_pad_unk():
+    lp = _log_probs(3, 6)
+    lp[:, UNK] = 10.0  # UNK would win everywhere
+    upper = "天天月，雨的"
+    res = decode_argmax(upper, lp, VOCAB)
+    masked = lp.copy()
+    masked[:, :2] = -np.inf
+    expected = "".join(VOCAB.itos[i] for i in masked.argmax(axis=1))
+    assert res.candidates[0][0] == expected
+    assert res.constraints == []
+    assert decode(upper, lp, VOCAB, options=ARGMAX).candidates == res.candidates
+
+
+def test_argmax_top_k_is_k_best_of_independent_positions():
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月雨水"])
+    lp = _log_probs(11, 3, vocab)
+    got = decode_argmax("天月天", lp, vocab, top_k=5)
+    expected = _brute_force("天月天", lp, vocab, ARGMAX)[:5]
+    assert [s for _, s in got.candidates] == pytest.approx([s for _, s in expected], abs=1e-5)
+
+
+def test_repetition_groups_score_by_the_sum_of_their_positions():
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月"])
+    lp = np.full((2, len(vocab)), -10.0, dtype=np.float32)
+    s = vocab.stoi
+    lp[0, s["风"]], lp[0, s["花"]] = -0.1, -1.0
+    lp[1, s["月"]], lp[1, s["花"]] = -0.1, -1.0
+    res = decode("雨雨", lp, vocab, options=CONSTRAINED)
+    assert res.candidates[0][0] == "花花"  # -2.0 beats 风风 (-10.1) and 月月 (-10.1)
+    res = decode("雨雪", lp, vocab, options=CONSTRAINED)
+    assert res.candidates[0][0] == "风月"
+
+
+def test_no_copy_and_punctuation():
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花，。"])
+    lp = np.full((3, len(vocab)), -5.0, dtype=np.float32)
+    lp[0, vocab.stoi["天"]] = 0.0  # the copy is the model's favourite
+    lp[1, vocab.stoi["。"]] = 0.0  # a different mark
+    lp[2, vocab.stoi["，"]] = 0.0  # punctuation at a character position
+    res = decode("天，风", lp, vocab, options=CONSTRAINED)
+    lower = res.candidates[0][0]
+    assert lower[1] == "，" and lower[0] != "天" and lower[2] not in PUNCTUATION
+    assert decode("天，风", lp, vocab, options=ARGMAX).candidates[0][0] == "天。，"
+
+
+def test_punctuation_missing_from_the_vocabulary_is_copied():
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月"])
+    lp = _log_probs(1, 3, vocab)
+    res = decode("天；月", lp, vocab)
+    assert res.candidates[0][0][1] == "；"
+
+
+def test_tone_rule_only_when_upper_ends_in_ze():
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风月雨的"])
+    lp = np.full((2, len(vocab)), -5.0, dtype=np.float32)
+    lp[1, vocab.stoi["雨"]] = 0.0  # 仄, the model's favourite ending
+    lp[1, vocab.stoi["的"]] = -0.5  # toneless: not allowed under the rule
+    lp[1, vocab.stoi["风"]] = -1.0
+    on = decode("山月", lp, vocab, options=DecodeOptions(tone=True))  # 月 is 仄 -> lower must end 平
+    assert on.candidates[0][0][-1] == "风" and "tone" in on.constraints
+    off = decode("山月", lp, vocab, options=DecodeOptions(tone=False))
+    assert off.candidates[0][0][-1] == "雨"
+    level = decode("山天", lp, vocab, options=DecodeOptions(tone=True))  # ends 平: rule does not apply
+    assert level.candidates[0][0][-1] == "雨" and "tone" not in level.constraints
+
+
+def test_final_position_skips_trailing_punctuation():
+    assert final_position("春风，明月。") == 4
+    assert final_tone("明月。") == ZE
+    assert final_position("，。") is None
+
+
+def test_impossible_constraints_are_relaxed_not_crashed():
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风"])
+    lp = _log_probs(5, 3, vocab)
+    res = decode("山水云", lp, vocab)  # three distinct groups, two characters
+    assert res.candidates and "repetition" in res.relaxed
+    assert len(res.candidates[0][0]) == 3
+
+
+def test_bad_shapes_and_empty_line():
+    with pytest.raises(ValueError):
+        decode("天风", np.zeros((1, len(VOCAB)), dtype=np.float32), VOCAB)
+    with pytest.raises(ValueError):
+        decode("天", np.zeros((1, 3), dtype=np.float32), VOCAB)
+    with pytest.raises(ValueError):
+        decode("天", np.zeros((1, len(VOCAB)), dtype=np.float32), VOCAB, top_k=0)
+    assert decode("", np.zeros((0, len(VOCAB)), dtype=np.float32), VOCAB).candidates == [("", 0.0)]
+    padded = _log_probs(2, 5)  # extra (padding) rows are ignored
+    assert decode("天风", padded, VOCAB).candidates == decode("天风", padded[:2], VOCAB).candidates
+
+
+def test_seven_character_line_decodes_well_under_a_millisecond():
+    chars = [chr(0x4E00 + i) for i in range(6000)]
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *chars, *MARKS])
+    lines = ["".join(np.random.default_rng(i).choice(chars[:3000], size=7)) for i in range(50)]
+    lines = [line[:3] + line[0] + line[4:] for line in lines]  # a repeat in each
+    lps = [_log_probs(i, 7, vocab, scale=4.0) for i in range(50)]
+    decode(lines[0], lps[0], vocab, options=DecodeOptions(tone=True))  # tone table built once
+    for options, k in ((CONSTRAINED, 1), (DecodeOptions(tone=True), 1), (CONSTRAINED, 5)):
+        times = []
+        for line, lp in zip(lines, lps):
+            t0 = time.perf_counter()
+            decode(line, lp, vocab, top_k=k, options=options)
+            times.append(time.perf_counter() - t0)
+        assert float(np.median(times)) < 1e-3, (options, k, np.median(times))
