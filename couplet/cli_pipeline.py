@@ -45,16 +45,16 @@ def run(
         fail(str(exc))
     home = couplet_home()
     _prefect_defaults(home)
-    from flows.local_server import temporary_server
+    from flows.local_server import start_temporary_server
 
-    with temporary_server() as wait_until_ready:
-        from flows.pipeline import couplet_pipeline
+    wait_until_ready = start_temporary_server()
+    from flows.pipeline import couplet_pipeline
 
-        wait_until_ready()
-        state = couplet_pipeline(
-            source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, return_state=True
-        )
-        _report(state, as_json)
+    wait_until_ready()
+    state = couplet_pipeline(
+        source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, return_state=True
+    )
+    _report(state, as_json)
 
 
 def _report(state, as_json: bool) -> None:

@@ -9,6 +9,7 @@ With `PREFECT_API_URL` set (a real server), nothing is started.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -18,7 +19,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
 
 
 def _free_port() -> int:
@@ -42,12 +42,14 @@ def _wait_ready(proc: subprocess.Popen, api_url: str, timeout_s: float) -> None:
     raise RuntimeError(f"temporary Prefect server did not answer within {timeout_s:.0f} s")
 
 
-@contextlib.contextmanager
-def temporary_server(timeout_s: float = 60.0) -> Iterator[callable]:
-    """Start the server now; the yielded function blocks until it answers. Stopped on exit."""
+def start_temporary_server(timeout_s: float = 60.0):
+    """Start the server now and return a function that blocks until it answers.
+
+    The server is stopped at interpreter exit, after Prefect's own exit handlers (registered
+    later, so run earlier) have flushed their logs and events to it.
+    """
     if os.environ.get("PREFECT_API_URL"):
-        yield lambda: None
-        return
+        return lambda: None
     prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
     port = _free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -58,15 +60,16 @@ def temporary_server(timeout_s: float = 60.0) -> Iterator[callable]:
         env=env,
         stdout=subprocess.DEVNULL,
     )
+    atexit.register(_stop, proc)
     api_url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = api_url
+    return lambda: _wait_ready(proc, api_url, timeout_s)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        yield lambda: _wait_ready(proc, api_url, timeout_s)
-    finally:
-        del os.environ["PREFECT_API_URL"]
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,3 @@
+from couplet.cli import main
+
+main()

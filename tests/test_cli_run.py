@@ -1,0 +1,89 @@
+"""End to end: `couplet run` through Prefect (its temporary local server), as a user runs it."""
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import snapshot
+from datagen import write_dataset_tarball
+
+COUPLET = [sys.executable, "-m", "couplet"]
+
+
+def couplet_run(home: Path, prefect_home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COUPLET_HOME": str(home), "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([*COUPLET, "run", *args], env=env, capture_output=True, text=True, timeout=300, cwd=home)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def summary_of(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def tarball(tmp_path) -> Path:
+    return write_dataset_tarball(tmp_path / "couplet.tar.gz", n_train=300, n_test=30)
+
+
+def test_run_from_file_cached_then_param_change(home, prefect_home, tarball):
+    first = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json"))
+    assert {k: v["status"] for k, v in first["stages"].items()} == {"ingest": "completed", "validate": "completed", "build": "completed"}
+    assert first["counts"]["test"] == 30 and first["counts"]["train"] + first["counts"]["valid"] == 300
+    assert first["counts"]["rejected"] == 0
+    assert Path(first["report"]).is_file() and first["dataset_version"]
+    assert set(first["counts"]) == {"train", "valid", "test", "rejected"}
+
+    second = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json"))
+    assert {v["status"] for v in second["stages"].values()} == {"cached"}
+    assert second["counts"] == first["counts"]
+
+    third = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--set", "data.min_count=1", "--json"))
+    assert {k: v["status"] for k, v in third["stages"].items()} == {"ingest": "cached", "validate": "cached", "build": "completed"}
+
+    forced = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--force", "validate", "--json"))
+    assert {k: v["status"] for k, v in forced["stages"].items()} == {"ingest": "cached", "validate": "completed", "build": "completed"}
+
+    report = subprocess.run([*COUPLET, "report"], env={**os.environ, "COUPLET_HOME": str(home)}, capture_output=True, text=True)
+    assert report.returncode == 0 and "report.md" in report.stdout
+
+
+def test_run_over_http_and_bad_inputs(home, prefect_home, tarball, tmp_path):
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tarball.parent))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{tarball.name}"
+        ok = summary_of(couplet_run(home, prefect_home, "--source", url, "--until", "build", "--json"))
+        assert ok["stages"]["build"]["status"] == "completed"
+        before = snapshot(home / "data" / "processed")
+
+        missing = couplet_run(home, prefect_home, "--source", url + ".nope", "--json", check=False)
+        assert missing.returncode != 0
+        assert json.loads(missing.stdout.strip().splitlines()[-1])["error"].startswith("download failed: HTTP 404")
+        assert missing.stderr.strip().splitlines()[-1].startswith("error: download failed: HTTP 404")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(tarball.read_bytes()[:200])
+    corrupt = couplet_run(home, prefect_home, "--source", str(bad), check=False)
+    assert corrupt.returncode != 0 and "corrupt or truncated" in corrupt.stderr.strip().splitlines()[-1]
+    assert snapshot(home / "data" / "processed") == before
+
+
+def test_config_errors_are_one_line(home, prefect_home, tarball):
+    proc = couplet_run(home, prefect_home, "--source", str(tarball), "--set", "train.max_stepz=3", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown config key train.max_stepz (known: " + proc.stderr.split("(known: ")[1].strip()
+    proc = couplet_run(home, prefect_home, "--source", str(tarball), "--set", "train.max_steps=lots", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: train.max_steps: expected an integer, got 'lots'"
