@@ -35,5 +35,7 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m couplet.cli`: use the importable module's `app`
+    from couplet.cli import main as _main
+
+    sys.exit(_main())
