@@ -1,0 +1,276 @@
+"""Champion/challenger: which trained model `couplet match` and `couplet serve` use.
+
+`$COUPLET_HOME/models/registry.json`:
+
+    {"champion": "<run-id>" | null,          # a folder of models/; what readers load
+     "champion_metrics": {...} | null,       # its test metrics, as recorded when it was promoted
+     "updated": "<UTC time>",
+     "history": [<one record per decision, oldest first>]}
+
+A record: `time`, `run_id`, `model_dir`, `metric`, `promoted`, `reason`, `forced`,
+`challenger_metrics`, `champion_before` (the champion it was compared with, or null) and
+`champion_metrics` (that champion's).
+Metric sets are stored without nested values (the structure metrics' `references`, curves).
+
+The rule (`decide_promotion`): a new model becomes champion only if it beats the champion on the
+same test split by the configured metric (`promote.metric`, default `bleu`, char-level BLEU);
+`exact_match`, then `char_accuracy`, break ties; a full tie keeps the champion. No champion: the
+challenger is promoted. Metrics carry `test_fingerprint` (see `test_fingerprint`); when the two
+fingerprints differ, the scores are not comparable and, since re-evaluating the champion is out of
+scope, the challenger is *not* promoted: the champion keeps serving and the reason says how to
+promote by hand (`python -m couplet.registry promote <run-id> --force`). A model that is not
+promoted keeps its folder.
+
+Deciding again on the same (challenger, champion, metrics) adds no record and returns the earlier
+one with `status: "cached"`, so a re-run of a cached pipeline changes nothing. The champion itself
+scored again with other metrics (a new test split) stays champion and takes the new scores.
+Writers hold the `models/registry` lock (couplet.locks) and replace the file atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from couplet.atomic import atomic_write_json
+from couplet.locks import hold_lock
+from couplet.predictor import is_model_dir
+
+PROMOTION_METRICS = ("bleu", "exact_match", "char_accuracy")  # all higher-is-better
+TIE_BREAKS = ("exact_match", "char_accuracy")
+FINGERPRINT_KEY = "test_fingerprint"
+REGISTRY_LOCK = "models/registry"
+_EPS = 1e-9
+
+
+class RegistryError(RuntimeError):
+    """registry.json cannot be read, or a promotion request cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def _number(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def decide_promotion(challenger_metrics: dict, champion_metrics: dict | None, metric: str = "bleu") -> Decision:
+    """Should the challenger replace the champion? (the rule is in the module docstring)"""
+    if metric not in PROMOTION_METRICS:
+        raise ValueError(f"promote.metric must be one of {', '.join(PROMOTION_METRICS)}, not {metric!r}")
+    mine = _number(challenger_metrics, metric)
+    if mine is None:
+        raise ValueError(f"challenger metrics have no numeric {metric!r} (got {challenger_metrics.get(metric)!r})")
+    if champion_metrics is None:
+        return Decision(True, f"no champion yet; {metric} {mine:.4g}")
+    ours, theirs = challenger_metrics.get(FINGERPRINT_KEY), champion_metrics.get(FINGERPRINT_KEY)
+    if ours != theirs:
+        return Decision(
+            False,
+            f"not comparable: evaluated on test split {ours or 'unknown'}, the champion on {theirs or 'unknown'}; "
+            "champion kept (promote by hand with `python -m couplet.registry promote <run-id> --force`)",
+        )
+    for key in (metric, *(k for k in TIE_BREAKS if k != metric)):
+        a, b = _number(challenger_metrics, key), _number(champion_metrics, key)
+        if a is None or b is None:
+            if key == metric:
+                return Decision(False, f"not comparable: the champion has no {metric} recorded; champion kept")
+            continue
+        if a > b + _EPS:
+            return Decision(True, f"{key} {a:.4g} > champion's {b:.4g}" + ("" if key == metric else f" ({metric} tied)"))
+        if a < b - _EPS:
+            return Decision(False, f"{key} {a:.4g} < champion's {b:.4g}" + ("" if key == metric else f" ({metric} tied)") + "; champion kept")
+    return Decision(False, f"ties the champion on {metric} {mine:.4g} and every tie-break; champion kept")
+
+
+def test_fingerprint(build_dir: str | Path, max_eval: int | None = None) -> str:
+    """16 hex digits naming the test set a model was scored on: the build's test pairs (as text,
+    order-free, so the vocabulary does not change it) and `evaluate.max_eval`."""
+    import pyarrow.parquet as pq
+
+    build_dir = Path(build_dir)
+    manifest = json.loads((build_dir / "manifest.json").read_text(encoding="utf-8"))
+    rows: list[str] = []
+    for shard in manifest["shards"]:
+        if shard["split"] == "test":
+            table = pq.read_table(build_dir / shard["path"], columns=["up", "down"])
+            rows += [f"{up}\t{down}" for up, down in zip(table["up"].to_pylist(), table["down"].to_pylist())]
+    digest = hashlib.sha256("\n".join(sorted(rows)).encode("utf-8"))
+    digest.update(f"\nmax_eval={max_eval}".encode())
+    return digest.hexdigest()[:16]
+
+
+def registry_path(home: str | Path) -> Path:
+    return Path(home) / "models" / "registry.json"
+
+
+def read_registry(home: str | Path) -> dict:
+    """The registry (an empty one if the file does not exist)."""
+    path = registry_path(home)
+    if not path.is_file():
+        return {"champion": None, "champion_metrics": None, "history": []}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"cannot read {path}: {' '.join(str(exc).split())}; fix or move it away") from None
+    if not isinstance(data, dict) or not isinstance(data.get("history", []), list):
+        raise RegistryError(f"{path} is not a registry (expected {{\"champion\": ..., \"history\": [...]}})")
+    data.setdefault("champion", None)
+    data.setdefault("champion_metrics", None)
+    data.setdefault("history", [])
+    return data
+
+
+def champion_dir(home: str | Path) -> Path | None:
+    """The champion's model folder, or None when there is none (or its folder is gone)."""
+    champion = read_registry(home).get("champion")
+    if not champion:
+        return None
+    path = Path(home) / "models" / str(champion)
+    return path if is_model_dir(path) else None
+
+
+def _flat(metrics: dict) -> dict:
+    """The metric set as stored: top-level scalars only (drops `references`, curves, lists)."""
+    return {k: v for k, v in metrics.items() if v is None or isinstance(v, (str, int, float, bool))}
+
+
+def _run_id(model_dir: str | Path, home: Path) -> tuple[str, Path]:
+    path = Path(model_dir).resolve()
+    models = (home / "models").resolve()
+    if path.parent != models:
+        raise RegistryError(f"{path} is not a folder of {models}; only models/<run-id>/ can be champion")
+    if not is_model_dir(path):
+        raise RegistryError(f"{path} is not a model directory (needs model.safetensors, vocab.json, config.json)")
+    return path.name, path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def promote(
+    model_dir: str | Path, metrics: dict, home: str | Path, metric: str = "bleu", *, lock_timeout_s: float = 60.0
+) -> dict:
+    """Decide whether `model_dir` (a `models/<run-id>/` folder, evaluated with test `metrics`)
+    becomes champion and record the decision in registry.json. Returns the decision record plus
+    `champion` (the champion after the call) and `status` ("completed", or "cached" when this
+    pair was decided before)."""
+    home = Path(home)
+    run_id, path = _run_id(model_dir, home)
+    challenger = _flat(metrics)
+    with hold_lock(home, REGISTRY_LOCK, timeout_s=lock_timeout_s):
+        registry = read_registry(home)
+        champion = registry["champion"]
+        champion_metrics = registry["champion_metrics"] if champion else None
+        for old in reversed(registry["history"]):
+            if old.get("run_id") != run_id or old.get("metric") != metric or old.get("challenger_metrics") != challenger:
+                continue
+            same_opponent = old.get("champion_before") == champion and old.get("champion_metrics") == champion_metrics
+            if same_opponent or (old["promoted"] and champion == run_id and champion_metrics == challenger):
+                return {**old, "champion": champion, "status": "cached"}
+        if champion == run_id:  # the champion scored again (e.g. on a new test split): keep its latest scores
+            decision = Decision(True, "already the champion; its metrics are replaced by this evaluation")
+        else:
+            decision = decide_promotion(challenger, champion_metrics, metric)
+        record = {
+            "time": _now(), "run_id": run_id, "model_dir": str(path), "metric": metric,
+            "promoted": decision.promote, "reason": decision.reason, "forced": False,
+            "challenger_metrics": challenger, "champion_before": champion, "champion_metrics": champion_metrics,
+        }
+        _append(home, registry, record)
+    return {**record, "champion": registry["champion"], "status": "completed"}
+
+
+def force_promote(run_id: str, home: str | Path, reason: str = "promoted by hand", *, lock_timeout_s: float = 60.0) -> dict:
+    """Make `run_id` champion regardless of the rule (an operator's decision, e.g. after a new test
+    split). Its metrics are the last ones the pipeline recorded for it."""
+    home = Path(home)
+    run_id, path = _run_id(home / "models" / Path(run_id).name, home)
+    with hold_lock(home, REGISTRY_LOCK, timeout_s=lock_timeout_s):
+        registry = read_registry(home)
+        seen = [r for r in registry["history"] if r.get("run_id") == run_id]
+        if not seen:
+            raise RegistryError(f"{run_id} was never evaluated by the pipeline (no record in {registry_path(home)})")
+        record = {
+            **seen[-1], "time": _now(), "promoted": True, "reason": reason, "forced": True,
+            "champion_before": registry["champion"], "champion_metrics": registry["champion_metrics"],
+        }
+        _append(home, registry, record)
+    return {**record, "champion": registry["champion"], "status": "completed"}
+
+
+def _append(home: Path, registry: dict, record: dict) -> None:
+    registry["history"].append(record)
+    if record["promoted"]:
+        registry["champion"] = record["run_id"]
+        registry["champion_metrics"] = record["challenger_metrics"]
+    registry["updated"] = record["time"]
+    atomic_write_json(registry_path(home), registry)
+
+
+def decision_markdown(record: dict) -> str:
+    """A decision record as Markdown (the `couplet-promotion` artifact)."""
+    verdict = "**promoted** to champion" if record["promoted"] else "**not promoted**"
+    if record.get("status") == "cached":
+        verdict += " (decided before; nothing changed)"
+    lines = [
+        f"## Model `{record['run_id']}`: {verdict}",
+        "",
+        f"Reason: {record['reason']}",
+        "",
+        f"Champion now: `{record.get('champion') or '-'}` (metric: `{record['metric']}`)",
+        "",
+    ]
+    theirs = record.get("champion_metrics") or {}
+    ours = record.get("challenger_metrics") or {}
+    keys = [k for k in (*PROMOTION_METRICS, FINGERPRINT_KEY, "n") if k in ours or k in theirs]
+    keys += sorted(k for k in ours.keys() | theirs.keys() if k not in keys)
+    lines += [f"| metric | this model | champion before (`{record.get('champion_before') or '-'}`) |", "| --- | ---: | ---: |"]
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines += [f"| {k} | {fmt(ours.get(k))} | {fmt(theirs.get(k))} |" for k in keys]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m couplet.registry show | promote <run-id> --force [--reason TEXT]`."""
+    from couplet.config import couplet_home
+
+    parser = argparse.ArgumentParser(prog="python -m couplet.registry", description="Show or set the champion model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("show", help="print the champion and the last decisions")
+    force = sub.add_parser("promote", help="make a model champion regardless of the rule")
+    force.add_argument("run_id", help="a folder name under $COUPLET_HOME/models/")
+    force.add_argument("--force", action="store_true", required=True, help="required: you are overriding the rule")
+    force.add_argument("--reason", default="promoted by hand")
+    args = parser.parse_args(argv)
+    home = couplet_home()
+    try:
+        if args.command == "promote":
+            record = force_promote(args.run_id, home, args.reason)
+            print(f"champion is now {record['run_id']} (was {record['champion_before'] or 'none'})")
+            return 0
+        registry = read_registry(home)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"champion {registry['champion'] or '-'}  {json.dumps(registry.get('champion_metrics') or {}, ensure_ascii=False)}")
+    for r in registry["history"][-10:]:
+        print(f"{r['time']}  {r['run_id']}  {'PROMOTED' if r['promoted'] else 'kept    '}  {r['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
