@@ -32,6 +32,7 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.max_steps=300 (repeatable)."),
     force: Optional[str] = typer.Option(None, "--force", help="Re-run this stage and every later one even if cached."),
+    promote: bool = typer.Option(True, "--promote/--no-promote", help="After evaluate, make the model champion if it beats the current one."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
 ) -> None:
     """Run the pipeline locally through Prefect (its temporary local server; nothing to start)."""
@@ -52,7 +53,8 @@ def run(
 
     wait_until_ready()
     state = couplet_pipeline(
-        source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, return_state=True
+        source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, promote=promote,
+        return_state=True
     )
     _report(state, as_json)
 

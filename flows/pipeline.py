@@ -18,6 +18,7 @@ from prefect.states import Completed
 
 from couplet import pipeline as stages
 from couplet.config import Config, couplet_home, load_config
+from flows.promote import promote_model
 
 Stage = Literal["ingest", "validate", "build", "train", "evaluate"]
 
@@ -57,12 +58,31 @@ def build_dataset(validated: dict, config: Config, home: Path, force: bool) -> d
     return _finish(result)
 
 
+@task(name="train", cache_policy=NO_CACHE)
+def train_model(built: dict, config: Config, home: Path, force: bool) -> dict:
+    return _finish(stages.train(built, config, home, force=force))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(trained: dict, built: dict, config: Config, home: Path, force: bool) -> dict:
+    result = stages.evaluate(trained, built, config, home, force=force)
+    if result["status"] != "cached":
+        metrics = result["metrics"]
+        create_table_artifact(
+            key="couplet-test-metrics",
+            table=[{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float))],
+            description=f"Test metrics of {result['run_id']}",
+        )
+        create_table_artifact(key="couplet-samples", table=result["samples"], description="Probe lines and random test couplets")
+    return _finish(result)
+
+
 def _call(stage_task, *args) -> dict:
     """Run a task and return its manifest (also when it ended in the `Cached` state); errors propagate."""
     return stage_task(*args, return_state=True).result()
 
 
-def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None) -> dict:
+def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None, promote: bool) -> dict:
     order = list(stages.STAGES)
     forced = set(order[order.index(force):]) if force else set()
     logger = get_run_logger()
@@ -74,6 +94,12 @@ def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None) -
         results["validate"] = _call(validate_dataset, results["ingest"], config, home, "validate" in forced)
     if until not in ("ingest", "validate"):
         results["build"] = _call(build_dataset, results["validate"], config, home, "build" in forced)
+    if until in ("train", "evaluate"):
+        results["train"] = _call(train_model, results["build"], config, home, "train" in forced)
+    if until == "evaluate":
+        results["evaluate"] = _call(evaluate_model, results["train"], results["build"], config, home, "evaluate" in forced)
+        if promote:
+            results["promote"] = _call(promote_model, results["evaluate"]["model"], results["evaluate"]["metrics"], config.promote.metric, home)
     summary = stages.summarize(results, seconds=time.perf_counter() - started)
     logger.info("pipeline summary: %s", {k: v["status"] for k, v in summary["stages"].items()})
     return summary
@@ -86,6 +112,7 @@ def couplet_pipeline(
     overrides: list[str] | None = None,
     config_path: str | None = None,
     force: Stage | None = None,
+    promote: bool = True,
 ) -> dict:
     """Ingest → validate → build (→ train → evaluate) the couplet dataset.
 
@@ -95,11 +122,12 @@ def couplet_pipeline(
         overrides: `section.key=value` strings, as in `couplet run --set`.
         config_path: YAML config file.
         force: re-run this stage and every stage after it even if cached.
+        promote: after evaluate, make the model champion if it beats the current one.
     """
     config = load_config(config_path, overrides)
     if source:
         config = stages.with_source(config, source)
-    return _run_stages(config, couplet_home(), until, force)
+    return _run_stages(config, couplet_home(), until, force, promote)
 
 
 if __name__ == "__main__":
