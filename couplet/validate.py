@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from couplet.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from couplet.config import DataConfig
+from couplet.locks import hold_lock
 from couplet.punct import PUNCTUATION
 
 CODE_VERSION = "validate-1"
@@ -231,12 +232,13 @@ def _markdown_report(summary: dict) -> str:
 
 def _register_report(home: Path, entry: dict) -> None:
     index_path = home / "reports" / "validation" / "index.json"
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        index = {"runs": []}
-    index["runs"].append(entry)
-    atomic_write_json(index_path, index)
+    with hold_lock(home, "reports/validation-index"):
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            index = {"runs": []}
+        index["runs"].append(entry)
+        atomic_write_json(index_path, index)
 
 
 def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False, flow_run_id: str | None = None) -> dict:
@@ -279,12 +281,9 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
 
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{key[:8]}"
-    gx_result = run_gx_suite(
-        table.select(["split", "line_no", "up", "down", "up_len", "down_len", "up_punct", "down_punct", "up_differs"]).to_pandas(),
-        home,
-        cfg,
-        run_name=run_id,
-    )
+    frame = table.select(["split", "line_no", "up", "down", "up_len", "down_len", "up_punct", "down_punct", "up_differs"]).to_pandas()
+    with hold_lock(home, "reports/gx"):  # the GX project files are shared by concurrent runs
+        gx_result = run_gx_suite(frame, home, cfg, run_name=run_id)
     reject_rate = rejects.num_rows / rows_in if rows_in else 1.0
     reasons = []
     if rows_in == 0:
