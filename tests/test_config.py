@@ -1,0 +1,47 @@
+import pytest
+
+from couplet.config import Config, ConfigError, apply_overrides, load_config
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(Config(), ["train.max_steps=300", "train.device=cpu", "train.lr=1e-3", "data.sha256=null", "decode.tone=true"])
+    assert cfg.train.max_steps == 300 and cfg.train.device == "cpu" and cfg.train.lr == 1e-3
+    assert cfg.data.sha256 is None and cfg.decode.tone is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_stepz=3", "unknown config key train.max_stepz"),
+        ("trian.max_steps=3", "unknown config section 'trian'"),
+        ("train.max_steps=lots", "train.max_steps: expected an integer, got 'lots'"),
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("decode.tone=maybe", "decode.tone: expected true/false"),
+        ("train.max_steps", "is not of the form section.key=value"),
+        ("max_steps=3", "must be section.key"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(Config(), [override])
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 5\nmodel:\n  embed_dim: 32\n")
+    cfg = load_config(path, ["train.max_steps=7"])
+    assert cfg.train.max_steps == 7 and cfg.model.embed_dim == 32
+    path.write_text("train:\n  max_steps: [1]\n")
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
+        load_config(path)
+    path.write_text("model:\n  embed_dims: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key model.embed_dims"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_section_hash_changes_with_values():
+    a, b = Config(), apply_overrides(Config(), ["data.min_count=1"])
+    assert a.section_hash("data") != b.section_hash("data")
+    assert a.section_hash("train") == b.section_hash("train")
