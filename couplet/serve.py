@@ -95,6 +95,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _is_json(content_type: str) -> bool:
+    if content_type == "application/json":
+        return True
     msg = email.message.Message()
     msg["content-type"] = content_type
     if msg.get_content_maintype() != "application":
@@ -204,7 +206,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     if loc == ("body",) or kind in ("model_attributes_type", "dict_type"):
         return 422, 'request body must be a JSON object like {"upper": "春风得意马蹄疾"}'
     if kind == "missing":
-        return 422, f"missing field {field!r}"
+        extra = [_field_name(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "extra_forbidden"]
+        hint = f" (unknown field {extra[0]!r} given)" if extra else ""
+        return 422, f"missing field {field!r}{hint}"
     if kind == "extra_forbidden":
         known = ", ".join(MatchRequest.model_fields)
         return 422, f"unknown field {field!r} (known: {known})"

@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-c", "import sys; from couplet.cli import main; sys.exit(main())", "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(model_dir), *shlex.split(args.server_args)]
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         health = wait_healthy(url, args.startup_timeout, proc)
+        load_before = os.getloadavg()[0]
         host, port_s = url.split("://", 1)[1].split(":")
         if client == "wrk":
             result = wrk_load(url, body, args.connections, args.warmup, args.duration)
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             model_id=health.get("model"),
             server_args=args.server_args,
             cpus=os.cpu_count(),
+            loadavg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before/after: other work on the machine skews results
         )
         print(json.dumps(result, ensure_ascii=False))
         return 0

@@ -231,6 +231,7 @@ def test_bad_lines_are_422_with_a_clear_message(client):
         ({"upper": None}, ["upper"]),
         ({"top_k": 3}, ["missing", "upper"]),
         ({"upper": UPPER, "uper": "x"}, ["unknown field", "uper"]),
+        ({"uper": UPPER}, ["missing field 'upper'", "unknown field 'uper'"]),
     ],
 )
 def test_bad_fields_are_422(client, body, needles):
