@@ -44,6 +44,7 @@ log = logging.getLogger("couplet.serve")
 MAX_BODY_BYTES = 16 * 1024  # request bodies over this are refused with 413
 BODY_TIMEOUT_S = 10.0  # a declared body that has not fully arrived by then is refused with 408
 TOP_K_MAX = 10
+ANSWER_TIMEOUT_S = 60.0  # a queued request not answered by then gets 503 instead of waiting on
 EXAMPLE_UPPER = "春风得意马蹄疾"
 
 
@@ -303,6 +304,8 @@ class MicroBatcher:
                     results = self.predictor.match_batch(
                         [item[2] for item in items], top_k=top_k, constrained=constrained, tone=tone, errors="return"
                     )
+                    if len(results) != len(items):
+                        raise RuntimeError(f"match_batch answered {len(results)} of {len(items)} lines")
                     outcomes = [(r, isinstance(r, BaseException)) for r in results]
                 except Exception as exc:  # a failure of the whole call fails each of its requests
                     outcomes = [(exc, True)] * len(items)
@@ -428,7 +431,11 @@ def create_app(
             if batcher is None:  # served without lifespan events
                 batcher = MicroBatcher(predictor, max_batch=max_batch)
             fut = batcher.submit(asyncio.get_running_loop(), req.upper, req.top_k, req.constrained, req.tone)
-            result = await fut
+            try:
+                async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                    result = await fut
+            except TimeoutError:
+                raise BusyError(f"no answer within {ANSWER_TIMEOUT_S:g} s; the server is overloaded") from None
             return Response(_payload(result), media_type="application/json")
 
     else:

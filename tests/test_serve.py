@@ -326,6 +326,35 @@ def test_unknown_route_and_method(client):
     assert_error(client.put("/api/match", json={"upper": UPPER}), 405, "PUT")
 
 
+def test_clients_that_hang_up_do_not_hurt(base_url, client):
+    host, port = base_url.split("://")[1].split(":")
+    body = json.dumps({"upper": UPPER, "top_k": 3}, ensure_ascii=False).encode()
+    request = (
+        f"POST /api/match HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for _ in range(20):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(request)  # and hang up without reading the answer
+    assert client.post("/api/match", json={"upper": UPPER}).status_code == 200
+
+
+def test_predictor_crash_is_a_json_500_not_a_hang(predictor):
+    class Broken:
+        model_id, max_len = "broken", 34
+
+        def match_batch(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+        def match(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    for batching in (True, False):
+        with serve_in_thread(create_app(Broken(), batching=batching)) as url:
+            resp = httpx.post(url + "/api/match", json={"upper": UPPER}, timeout=10)
+            assert_error(resp, 500, "internal error")
+            assert httpx.get(url + "/healthz").json()["model"] == "broken"
+
+
 def test_server_still_healthy_after_abuse(client):
     assert client.get("/healthz").status_code == 200
     assert client.post("/api/match", json={"upper": UPPER}).status_code == 200
