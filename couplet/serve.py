@@ -12,11 +12,14 @@ Every error is `{"error": "<one line>"}` with a 4xx status: 400 malformed JSON o
 408 a body that does not arrive in time, 413 a body over 16 KiB (refused from Content-Length before it is
 read, and capped while streaming), 415 a non-JSON content type, 422 a well-formed request that cannot be
 answered (missing/unknown/mistyped field, top_k outside 1..10, empty/too long/non-Chinese text, characters
-outside the vocabulary). Unexpected failures are a 500 with the same shape, never an HTML page or a hang.
+outside the vocabulary), 503 an overloaded server. Unexpected failures are a 500 with the same shape,
+never an HTML page or a hang.
 
-Inference is CPU-bound torch. The match endpoint is a plain `def`, so Starlette runs it in its worker
-threadpool and the event loop keeps accepting and parsing requests meanwhile (torch releases the GIL).
-docs/serving.md has the measurements behind that choice.
+Inference is CPU-bound torch whose cost is mostly reading the weights, so a batch of lines costs little
+more than one. By default `/api/match` queues each request for one inference thread (`MicroBatcher`) that
+answers whatever has queued in one `predictor.match_batch` call, while the event loop keeps parsing HTTP
+(torch releases the GIL). `create_app(..., batching=False)` instead runs a plain `def` endpoint per
+request in Starlette's threadpool. docs/serving.md has the measurements behind the choice.
 """
 
 from __future__ import annotations

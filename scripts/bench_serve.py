@@ -9,7 +9,7 @@ client (one thread per connection, in this process, which is not the server's).
 
     .venv/bin/python scripts/bench_serve.py                      # seed-sized random model, 4 connections, 10 s
     .venv/bin/python scripts/bench_serve.py --model models/RUN --connections 8 --duration 20
-    .venv/bin/python scripts/bench_serve.py --server-args "--workers 2"
+    .venv/bin/python scripts/bench_serve.py --server-args="--workers 2"     # (use = : the value starts with -)
     .venv/bin/python scripts/bench_serve.py --url http://127.0.0.1:8000   # an already running server
 
 Output (one JSON object): requests, errors, duration_s, rps, p50_ms, p90_ms, p99_ms, max_ms, client, ...
