@@ -40,6 +40,10 @@ def serve(
 
     from couplet.predictor import InputError, Predictor, resolve_model_dir
 
+    if http not in ("auto", "h11", "httptools"):
+        fail(f"--http must be auto, h11 or httptools, got {http!r}")
+    if loop not in ("auto", "asyncio", "uvloop"):
+        fail(f"--loop must be auto, asyncio or uvloop, got {loop!r}")
     try:
         model_dir = resolve_model_dir(model)
     except (FileNotFoundError, InputError, ValueError, OSError) as exc:
