@@ -60,6 +60,7 @@ class TrainConfig:
     patience: int = 3  # validation passes without improvement before early stopping
     num_threads: int | None = None  # torch CPU threads; None = torch default
     compile: bool = False  # torch.compile the model (CUDA)
+    cpu_bf16: bool = False  # bf16 autocast on CPU too (fp32 weights): ~1.4x faster steps on AVX512-BF16 CPUs
 
 
 @dataclass(frozen=True)
