@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import socket
@@ -53,6 +54,11 @@ def start_temporary_server(timeout_s: float = 60.0):
     prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
     port = _free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    stamp = _migration_stamp()
+    version = importlib.metadata.version("prefect")
+    if stamp is not None and stamp.is_file() and stamp.read_text().strip() == version:
+        # This database was migrated by this Prefect version already: skip the check (~1 s).
+        env.setdefault("PREFECT_API_DATABASE_MIGRATE_ON_START", "false")
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
@@ -63,7 +69,22 @@ def start_temporary_server(timeout_s: float = 60.0):
     atexit.register(_stop, proc)
     api_url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = api_url
-    return lambda: _wait_ready(proc, api_url, timeout_s)
+
+    def wait_until_ready() -> None:
+        _wait_ready(proc, api_url, timeout_s)
+        if stamp is not None:
+            stamp.write_text(version)
+
+    return wait_until_ready
+
+
+def _migration_stamp() -> Path | None:
+    """A file beside the default SQLite database recording the Prefect version that migrated it."""
+    if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+        return None
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    database = home / "prefect.db"
+    return database.with_name("prefect.db.couplet-migrated") if database.exists() else None
 
 
 def _stop(proc: subprocess.Popen) -> None:
