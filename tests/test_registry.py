@@ -75,14 +75,29 @@ def test_different_test_split_is_not_comparable():
     assert decide_promotion(metrics(2.0, fp=None), metrics(1.0, fp=None)).promote
 
 
-def test_fingerprint_ignores_vocab_and_order_but_not_pairs_or_max_eval(tmp_path):
-    from shardkit import make_build_dir
+def _build_dir(root: Path, test_pairs: list[tuple[str, str]], train_rows: int) -> Path:
+    """The parts of a build folder the fingerprint reads: manifest.json and the test shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    train = [("春风", "秋月"), ("白日", "青山")]
-    test = [("天高", "地阔"), ("花红", "柳绿")]
-    a = make_build_dir(tmp_path, train, test_pairs=test, name="a")
-    b = make_build_dir(tmp_path, train + [("日月", "山河")], test_pairs=test[::-1], name="b")
-    c = make_build_dir(tmp_path, train, test_pairs=test[:1], name="c")
+    root.mkdir(parents=True)
+    shards = [{"split": "train", "length": 2, "rows": train_rows, "path": "train/len-02.parquet", "sha256": "x"}]
+    for length in sorted({len(up) for up, _ in test_pairs}):
+        rows = [(up, down) for up, down in test_pairs if len(up) == length]
+        path = f"test/len-{length:02d}.parquet"
+        (root / "test").mkdir(exist_ok=True)
+        ids = pa.array([[train_rows] * length] * len(rows), pa.list_(pa.int32()))  # ids depend on the vocabulary
+        pq.write_table(pa.table({"up": [u for u, _ in rows], "down": [d for _, d in rows], "up_ids": ids}), root / path)
+        shards.append({"split": "test", "length": length, "rows": len(rows), "path": path, "sha256": "x"})
+    (root / "manifest.json").write_text(json.dumps({"shards": shards}))
+    return root
+
+
+def test_fingerprint_ignores_vocab_and_order_but_not_pairs_or_max_eval(tmp_path):
+    test = [("天高", "地阔"), ("花红柳绿", "鸟语花香"), ("白日", "青山")]
+    a = _build_dir(tmp_path / "a", test, train_rows=2)
+    b = _build_dir(tmp_path / "b", test[::-1], train_rows=3)  # other train data and vocabulary ids
+    c = _build_dir(tmp_path / "c", test[:2], train_rows=2)
     fp = registry.test_fingerprint
     assert fp(a) == fp(b) and len(fp(a)) == 16
     assert fp(a) != fp(c)
