@@ -1,0 +1,116 @@
+"""Training data: read a build directory's length shards and serve equal-length batches.
+
+A build directory (docs/design.md, "Build output") holds `manifest.json`, `vocab.json` and one Parquet
+shard per (split, length) with `up_ids` / `down_ids` list<int32> columns. Every batch holds couplets of a
+single length, so no padding is ever needed in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+Buckets = dict[int, tuple[np.ndarray, np.ndarray]]  # length -> (up_ids (N, L) int64, down_ids (N, L) int64)
+
+
+def read_manifest(build_dir: str | Path) -> dict:
+    path = Path(build_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{build_dir}: no manifest.json (not a finished build directory)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _ids_matrix(column, rows: int, length: int, where: str) -> np.ndarray:
+    """A list<int32> column whose lists all have `length` items -> (rows, length) int64, no Python loop."""
+    flat = pc.list_flatten(column).to_numpy()  # respects chunk offsets, unlike .values
+    if flat.size != rows * length:
+        raise ValueError(f"{where}: expected {rows} rows of {length} ids, got {flat.size} ids in all")
+    return flat.astype(np.int64).reshape(rows, length)
+
+
+def load_split(build_dir: str | Path, split: str, max_len: int | None = None) -> Buckets:
+    """All couplets of one split, grouped by length: {length: (up_ids (N, L), down_ids (N, L))}, int64.
+
+    Couplets longer than `max_len` are dropped (the seed trains on lines of at most 16 characters).
+    """
+    build_dir = Path(build_dir)
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for shard in read_manifest(build_dir)["shards"]:
+        length = int(shard["length"])
+        if shard["split"] != split or (max_len is not None and length > max_len):
+            continue
+        table = pq.read_table(build_dir / shard["path"], columns=["up_ids", "down_ids"])
+        where = f"{build_dir / shard['path']}"
+        up = _ids_matrix(table.column("up_ids"), table.num_rows, length, where)
+        down = _ids_matrix(table.column("down_ids"), table.num_rows, length, where)
+        if table.num_rows:
+            parts.setdefault(length, []).append((up, down))
+    return {
+        length: (np.concatenate([u for u, _ in chunks]), np.concatenate([d for _, d in chunks]))
+        for length, chunks in sorted(parts.items())
+    }
+
+
+def count_rows(buckets: Buckets) -> int:
+    return sum(len(up) for up, _ in buckets.values())
+
+
+class LengthBucketBatches:
+    """Equal-length batches of `batch_size` couplets, in a random order that is a pure function of (seed, epoch).
+
+    Each epoch, every length's rows are shuffled and cut into ceil(n / batch_size) batches (the last one
+    topped up from a fresh shuffle, so every batch is full and every row is seen at least once); the batches
+    of all lengths are then shuffled together, so a length comes up in proportion to its count (the seed's
+    recipe). One epoch is about total_rows / batch_size batches.
+
+    Iterating yields the rest of the current epoch as (up, down) int64 tensors of shape (batch_size, L) and
+    then moves to the next epoch. `state_dict()` / `load_state_dict()` give exact resume: (epoch, position).
+    """
+
+    def __init__(self, buckets: Buckets, batch_size: int, seed: int = 0):
+        if not buckets:
+            raise ValueError("no couplets to batch (empty split, or every line longer than max_len)")
+        self.buckets = {length: (torch.from_numpy(up), torch.from_numpy(down)) for length, (up, down) in buckets.items()}
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already handed out
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(up) / self.batch_size) for up, _ in self.buckets.values())
+
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """The epoch's batches as (length, row indices); depends only on (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for length, (up, _) in sorted(self.buckets.items()):
+            n = len(up)
+            n_batches = math.ceil(n / self.batch_size)
+            need = n_batches * self.batch_size
+            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
+            batches += [(length, idx) for idx in order.reshape(n_batches, self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self):
+        plan = self.plan(self.epoch)
+        while self.position < len(plan):
+            length, idx = plan[self.position]
+            self.position += 1  # counted before yielding: a checkpoint after this step resumes with the next
+            up, down = self.buckets[length]
+            rows = torch.from_numpy(idx)
+            yield up.index_select(0, rows), down.index_select(0, rows)  # (batch_size, L) each
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
+            raise ValueError(f"batch state is for seed/batch_size {state['seed']}/{state['batch_size']}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

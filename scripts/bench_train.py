@@ -1,0 +1,140 @@
+"""Training throughput of the couplet labeller, in non-PAD tokens per second; prints one JSON line.
+
+    .venv/bin/python scripts/bench_train.py                      # synthetic: vocab 6000, lengths 5 and 7, batch 64
+    .venv/bin/python scripts/bench_train.py --build-dir data/processed/build/<key>
+    .venv/bin/python scripts/bench_train.py --threads 2 --loss plain --adam loop   # the variants measured
+
+Runs the trainer's own step (couplet.train.train_step) on the seed config for --warmup steps, then times
+--steps steps, --repeats times, and reports the best and median repeat. The machine may be shared, so
+the 1-minute load average is printed too: with 2 threads on 2 busy cores, OpenMP barriers wreck timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from couplet.config import ModelConfig  # noqa: E402
+from couplet.data import LengthBucketBatches, load_split, read_manifest  # noqa: E402
+from couplet.model import CoupletLabeller  # noqa: E402
+from couplet.train import make_optimizer, train_step  # noqa: E402
+from couplet.vocab import PAD  # noqa: E402
+
+
+def synthetic_buckets(vocab_size: int, lengths: list[int], rows: int, seed: int = 0):
+    """Random couplets with a Zipf-like character distribution, the real dataset's shape."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, vocab_size - 1)
+    p /= p.sum()
+    draw = lambda n, length: rng.choice(np.arange(2, vocab_size), size=(n, length), p=p).astype(np.int64)  # noqa: E731
+    return {length: (draw(rows, length), draw(rows, length)) for length in lengths}
+
+
+class PlainLoss(torch.nn.Module):
+    """The straightforward head: full logits then F.cross_entropy (the baseline to beat)."""
+
+    def __init__(self, model: CoupletLabeller):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, targets):
+        x = self.model.features(ids)  # (B, L, d)
+        logits = self.model.head(x)  # (B, L, V)
+        return None, F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=PAD)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build-dir", type=Path, help="a build directory (default: synthetic data)")
+    ap.add_argument("--vocab-size", type=int, default=6000)
+    ap.add_argument("--lengths", default="5,7")
+    ap.add_argument("--max-len", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--loss", choices=["fused", "plain"], default="fused")
+    ap.add_argument("--adam", choices=["fused", "foreach", "loop"], default="fused")
+    ap.add_argument("--bf16", action="store_true", help="CPU bf16 autocast")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if args.build_dir:
+        vocab_size = int(read_manifest(args.build_dir)["vocab_size"])
+        buckets = load_split(args.build_dir, "train", args.max_len)
+    else:
+        vocab_size = args.vocab_size
+        buckets = synthetic_buckets(vocab_size, [int(x) for x in args.lengths.split(",")], rows=4096)
+    batches = LengthBucketBatches(buckets, args.batch_size, seed=0)
+
+    model = CoupletLabeller(vocab_size, ModelConfig()).to(device)
+    if args.adam == "fused":
+        optimizer = make_optimizer(model, 1e-3)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=args.adam == "foreach")
+    step_model = PlainLoss(model) if args.loss == "plain" else model
+    if args.compile:
+        step_model = torch.compile(step_model)
+    if args.bf16:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    elif device.type == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext()
+
+    def batch_stream():
+        while True:
+            yield from batches
+
+    stream = batch_stream()
+
+    def run(n: int) -> tuple[int, float, float]:
+        tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
+        for _ in range(n):
+            up, down = next(stream)
+            up, down = up.to(device), down.to(device)
+            loss = train_step(step_model, optimizer, up, down, autocast)
+            tokens += int((up != PAD).sum())
+        float(loss)  # sync
+        return tokens, time.perf_counter() - t0, time.process_time() - c0
+
+    run(args.warmup)
+    rates, cpu_rates = [], []
+    for _ in range(args.repeats):
+        tokens, seconds, cpu_seconds = run(args.steps)
+        rates.append(tokens / seconds)
+        cpu_rates.append(tokens / cpu_seconds)
+    print(json.dumps({
+        "tokens_per_s": round(max(rates)),
+        "tokens_per_s_median": round(statistics.median(rates)),
+        "repeats": [round(r) for r in rates],
+        # per CPU-second of this process: less sensitive to other processes on a shared machine
+        "tokens_per_cpu_s": round(max(cpu_rates)),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "steps": args.steps, "batch_size": args.batch_size, "vocab_size": vocab_size,
+        "lengths": sorted(batches.buckets), "threads": torch.get_num_threads(),
+        "loss": args.loss, "adam": args.adam, "bf16": args.bf16, "compile": args.compile,
+        "device": str(device), "torch": torch.__version__, "data": str(args.build_dir or "synthetic"),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The gated-CNN labeller: shapes, PAD masking, the gated block's formula, the fused loss, save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from couplet.config import Config, ModelConfig
+from couplet.model import CoupletLabeller, GatedConvBlock, fused_linear_cross_entropy, load_labeller, save_labeller
+from couplet.vocab import PAD, UNK, Vocab
+
+SMALL = ModelConfig(embed_dim=32, n_blocks=2)
+PAIRS = [("晚风摇树树还挺", "晨露润花花更红"), ("今天天气不错", "明日风光更佳"), ("鱼跃此时海", "花开彼岸天"), ("只有香如故", "何须色更新")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only adds sync overhead on a shared 2-core box
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(vocab_size: int = 50, seed: int = 0, **changes) -> CoupletLabeller:
+    torch.manual_seed(seed)
+    return CoupletLabeller(vocab_size, dataclasses.replace(SMALL, **changes))
+
+
+def test_shapes_and_loss():
+    model = tiny_model()
+    ids = torch.randint(2, 50, (3, 7))
+    logits, loss = model(ids)
+    assert logits.shape == (3, 7, 50) and loss is None
+    logits2, loss = model(ids, targets=torch.randint(2, 50, (3, 7)))
+    assert logits2 is None and loss.shape == () and loss.item() > 0
+    assert model.log_probs(ids).shape == (3, 7, 50)
+
+
+def test_default_config_is_the_seed():
+    model = CoupletLabeller(100, ModelConfig())
+    assert model.embedding.embedding_dim == 128 and len(model.blocks) == 6 and model.dropout.p == 0.25
+    assert model.blocks[0].conv.weight.shape == (256, 128, 3)
+
+
+def test_gated_block_matches_formula_on_hand_made_input():
+    block = GatedConvBlock(dim=2, kernel_size=3)
+    with torch.no_grad():
+        block.conv.weight.copy_(torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3) / 10 - 1)
+        block.conv.bias.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4]))
+    x = torch.tensor([[[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]])  # (B=1, d=2, L=3)
+    # conv by hand: 'same' padding = one zero on each side, out[o, t] = b[o] + sum_i,k w[o, i, k] * x[i, t + k - 1]
+    w, b = block.conv.weight.detach(), block.conv.bias.detach()
+    xp = F.pad(x, (1, 1))[0]
+    h = torch.tensor([[b[o] + sum(w[o, i, k] * xp[i, t + k] for i in range(2) for k in range(3)) for t in range(3)] for o in range(4)])
+    g, c = h[:2], h[2:]  # first half gates, second half candidates
+    expected = x[0] * torch.sigmoid(g) + c * torch.sigmoid(-g)
+    torch.testing.assert_close(block(x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pad_positions_do_not_influence_other_positions():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.embedding.weight[PAD] = 100.0  # a PAD embedding that would leak if not masked
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    padded = torch.tensor([[5, 6, 7, 8, 9, PAD, PAD]])
+    inner = torch.tensor([[PAD, 5, 6, 7, 8, 9, PAD]])
+    with torch.no_grad():
+        ref = model(ids)[0]
+        torch.testing.assert_close(model(padded)[0][:, :5], ref)
+        torch.testing.assert_close(model(inner)[0][:, 1:6], ref)
+    # a PAD in the middle splits the line: each side sees only itself
+    split = torch.tensor([[5, 6, PAD, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(split)[0][:, :2], model(torch.tensor([[5, 6]]))[0])
+        torch.testing.assert_close(model(split)[0][:, 3:], model(torch.tensor([[8, 9]]))[0])
+
+
+def test_loss_ignores_pad_targets():
+    model = tiny_model().eval()
+    ids = torch.tensor([[5, 6, 7, PAD, PAD], [8, 9, 10, 11, 12]])
+    targets = torch.tensor([[13, 14, 15, PAD, PAD], [16, 17, 18, 19, 20]])
+    with torch.no_grad():
+        _, loss = model(ids, targets)
+        logp = model.log_probs(ids)
+    keep = targets != PAD
+    expected = -logp.gather(2, targets.unsqueeze(2)).squeeze(2)[keep].mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_matches_autograd_cross_entropy():
+    torch.manual_seed(0)
+    x = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (23,))
+    t[:4] = PAD
+    fused = fused_linear_cross_entropy(x, w, b, t)
+    grads = torch.autograd.grad(2.5 * fused, (x, w, b))
+    plain = F.cross_entropy(F.linear(x, w, b), t, ignore_index=PAD)
+    expected = torch.autograd.grad(2.5 * plain, (x, w, b))
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_log_probs_is_eval_mode_and_normalised():
+    model = tiny_model().train()
+    ids = torch.randint(2, 50, (2, 6))
+    a, b = model.log_probs(ids), model.log_probs(ids)
+    torch.testing.assert_close(a, b)  # no dropout
+    assert model.training and not a.requires_grad
+    torch.testing.assert_close(a.exp().sum(-1), torch.ones(2, 6))
+
+
+def test_tiny_model_overfits_a_handful_of_couplets():
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    model = tiny_model(len(vocab), dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    batches = {}
+    for up, down in PAIRS:
+        batches.setdefault(len(up), []).append((vocab.encode(up), vocab.encode(down)))
+    batches = [(torch.tensor([u for u, _ in rows]), torch.tensor([d for _, d in rows])) for rows in batches.values()]
+    for _ in range(60):
+        for up, down in batches:
+            _, loss = model(up, down)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for up, down in PAIRS:
+        pred = model.log_probs(torch.tensor([vocab.encode(up)]))[0].argmax(-1)
+        assert vocab.decode(pred) == down
+
+
+def test_save_load_round_trip(tmp_path):
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    config = dataclasses.replace(Config(), model=SMALL)
+    model = tiny_model(len(vocab))
+    save_labeller(model, vocab, config, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert raw["vocab_size"] == len(vocab) and raw["model"]["embed_dim"] == 32
+    loaded, vocab2, config2 = load_labeller(tmp_path / "m")
+    assert config2 == config and vocab2.itos == vocab.itos and not loaded.training
+    ids = torch.tensor([vocab.encode(PAIRS[0][0]), vocab.encode(PAIRS[1][0]) + [PAD]])
+    torch.testing.assert_close(loaded.log_probs(ids), model.log_probs(ids), rtol=0, atol=0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_log_probs_does_not_mask_pad_or_unk():
+    model = tiny_model()
+    logp = model.log_probs(torch.tensor([[5, 6, 7]]))
+    assert torch.isfinite(logp[..., PAD]).all() and torch.isfinite(logp[..., UNK]).all()
+
+
+def test_cpu_bf16_autocast_trains_with_fp32_weights():
+    model = tiny_model()
+    ids, targets = torch.randint(2, 50, (4, 6)), torch.randint(2, 50, (4, 6))
+    _, ref = model(ids, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(ids, targets)
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_fused_loss_bf16_matmuls_stay_close_to_fp32():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(40, 16), torch.randn(60, 16) * 0.3, torch.randn(60) * 0.1
+    t = torch.randint(1, 60, (40,))
+    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    loss16 = fused_linear_cross_entropy(*leaves, t, matmul_dtype=torch.bfloat16)
+    loss16.backward()
+    loss32 = F.cross_entropy(F.linear(x, w, b), t)
+    assert loss16.dtype == torch.float32 and abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
+    assert all(v.grad.dtype == torch.float32 for v in leaves)

@@ -1,0 +1,156 @@
+"""Data loading, length-bucketed batches, and the trainer: outputs, determinism, resume, early stopping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from couplet.config import Config
+from couplet.data import LengthBucketBatches, load_split
+from couplet.model import load_labeller
+from couplet.train import PROBES, TrainingInterrupted, argmax_lines, train_labeller
+from shardkit import make_build_dir
+
+PAIRS = [
+    ("晚风摇树树还挺", "晨露润花花更红"),
+    ("今天天气不错", "明日风光更佳"),
+    ("鱼跃此时海", "花开彼岸天"),
+    ("只有香如故", "何须色更新"),
+    ("春来江水绿", "秋至海山青"),
+    ("一帆风顺", "万事如意"),
+    ("山高月小", "水落石出"),
+]
+VALID = [("鱼跃此时海", "花开彼岸天"), ("一帆风顺", "万事如意")]
+
+
+def small_config(**train) -> Config:
+    config = Config()
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, embed_dim=32, n_blocks=2),
+        train=dataclasses.replace(config.train, batch_size=4, lr=2e-2, num_threads=1, checkpoint_every=5, **train),
+    )
+
+
+@pytest.fixture
+def build(tmp_path):
+    return make_build_dir(tmp_path, PAIRS, valid_pairs=VALID, test_pairs=VALID)
+
+
+def test_load_split_groups_by_length(build):
+    train = load_split(build, "train")
+    assert sorted(train) == [4, 5, 6, 7]
+    up, down = train[5]
+    assert up.shape == (3, 5) and down.shape == (3, 5) and up.dtype == np.int64
+    assert sorted(load_split(build, "train", max_len=5)) == [4, 5]
+    assert sorted(load_split(build, "valid")) == [4, 5]
+
+
+def test_batches_cover_an_epoch_with_one_length_each(build):
+    batches = LengthBucketBatches(load_split(build, "train"), batch_size=2, seed=3)
+    seen = []
+    for up, down in batches:
+        assert up.shape == down.shape and up.shape[0] == 2 and up.dtype == torch.int64
+        seen += [tuple(row) for row in up.tolist()]
+    assert len(seen) == 2 * len(batches) and batches.epoch == 1 and batches.position == 0
+    train = load_split(build, "train")
+    assert {tuple(r) for up, _ in train.values() for r in up.tolist()} == set(seen)
+
+
+def test_batches_are_deterministic_and_resume_exactly(build):
+    train = load_split(build, "train")
+
+    def take(b, n):
+        out = []
+        while len(out) < n:
+            out += [up.tolist() for up, _ in b]
+        return out[:n]
+
+    a = take(LengthBucketBatches(train, 2, seed=1), 9)
+    assert a == take(LengthBucketBatches(train, 2, seed=1), 9)
+    assert a != take(LengthBucketBatches(train, 2, seed=2), 9)
+    first = LengthBucketBatches(train, 2, seed=1)
+    it = iter(first)
+    head = [next(it)[0].tolist() for _ in range(3)]
+    resumed = LengthBucketBatches(train, 2, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert head + take(resumed, 6) == a
+
+
+def test_train_writes_a_complete_model_dir(build, tmp_path):
+    out = tmp_path / "model"
+    summary = train_labeller(build, small_config(epochs=15, patience=100), out, progress=False)
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "vocab.json", "config.json", "metrics.json", "curve.png", "samples.md", "checkpoints"}
+    assert summary["model_dir"] == str(out) and summary["steps"] > 0 and summary["tokens_per_s"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == summary["steps"] == 15 * metrics["steps_per_epoch"]
+    assert metrics["best_valid_loss"] == summary["best_valid_loss"] < 0.5
+    assert all(len(point) == 3 for point in metrics["history"])
+    samples = (out / "samples.md").read_text()
+    assert all(line in samples for line in PROBES) and "epoch 1 " in samples and "final" in samples
+    # the tiny model learns its training couplets exactly under the seed's argmax decoding
+    model, vocab, config = load_labeller(out)
+    ups, downs = zip(*PAIRS)
+    assert argmax_lines(model, vocab, list(ups), "cpu") == list(downs)
+    assert config.train.epochs == 15
+
+
+def test_same_seed_same_weights_other_seed_differs(build, tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train_labeller(build, small_config(max_steps=8, seed=seed), tmp_path / name, progress=False)
+    a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(build, tmp_path):
+    config = small_config(max_steps=23, eval_every=4, patience=100)
+    full = train_labeller(build, config, tmp_path / "full", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train_labeller(build, config, tmp_path / "cut", progress=False, stop_after=13)  # last checkpoint: step 10
+    assert (tmp_path / "cut" / "checkpoints" / "last.pt").is_file() and not (tmp_path / "cut" / "model.safetensors").exists()
+    resumed = train_labeller(build, config, tmp_path / "cut", progress=False)
+    assert resumed["resumed_from"] == 10 and resumed["steps"] == full["steps"] == 23
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "cut"))
+    assert ma["best_step"] == mb["best_step"]
+    assert len(ma["history"]) == len(mb["history"])
+    for pa, pb in zip(ma["history"], mb["history"]):
+        assert pa[0] == pb[0] and [v is None for v in pa] == [v is None for v in pb]
+        assert [v for v in pa if v is not None] == pytest.approx([v for v in pb if v is not None], rel=1e-6)
+    # the last checkpoint holds the final step, and an unchanged rerun has nothing left to train
+    last = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["progress"]["step"] == 20
+
+
+def test_checkpoint_with_another_config_is_ignored(build, tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train_labeller(build, small_config(max_steps=10), tmp_path / "m", progress=False, stop_after=6)
+    other = dataclasses.replace(small_config(max_steps=10), train=dataclasses.replace(small_config().train, max_steps=10, lr=1e-3))
+    summary = train_labeller(build, other, tmp_path / "m", progress=False)
+    assert summary["resumed_from"] is None and summary["steps"] == 10
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path):
+    # valid pairs contradict the train pairs: the better the model fits train, the worse valid gets
+    contradicting = [(up, down[::-1]) for up, down in PAIRS]
+    build = make_build_dir(tmp_path, PAIRS, valid_pairs=contradicting)
+    out = tmp_path / "m"
+    summary = train_labeller(build, small_config(epochs=200, eval_every=2, patience=2), out, progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_early"] and summary["steps"] < 200 * metrics["steps_per_epoch"]
+    valid = [v for _, _, v in metrics["history"] if v is not None]
+    assert metrics["best_valid_loss"] == min(valid) and metrics["best_step"] < metrics["steps"]
+
+
+def test_cpu_bf16_run_writes_a_model(build, tmp_path):
+    summary = train_labeller(build, small_config(max_steps=6, cpu_bf16=True), tmp_path / "m", progress=False)
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert summary["steps"] == 6 and all(t.dtype == torch.float32 for t in weights.values())
