@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import sacrebleu
@@ -101,17 +100,3 @@ def test_unequal_inputs_and_empty():
         compute_metrics(["天"], ["地"], [])
     m = compute_metrics([], [], [])
     assert m["n"] == 0 and m["bleu"] == 0.0
-
-
-def test_four_thousand_lines_in_a_few_seconds():
-    base_u = ["晚风摇树树还挺", "春风得意马蹄疾", "海阔凭鱼跃", "一帆风顺年年好", "书山有路勤为径"]
-    base_r = ["晨露润花花更红", "秋月扬辉犬吠声", "天高任鸟飞", "万事如意步步高", "学海无涯苦作舟"]
-    n = 4000
-    uppers = [base_u[i % 5] for i in range(n)]
-    refs = [base_r[i % 5] for i in range(n)]
-    preds = [base_r[(i + 1) % 5][: len(base_u[i % 5])].ljust(len(base_u[i % 5]), "之") for i in range(n)]
-    word_boundaries("预热")  # jieba's dictionary loads once (~1 s) outside the timing
-    t0 = time.perf_counter()
-    m = compute_metrics(uppers, refs, preds)
-    assert time.perf_counter() - t0 < 5.0
-    assert m["n"] == n

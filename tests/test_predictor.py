@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -123,23 +122,6 @@ def test_match_batch_errors(predictor):
 def test_allow_unknown_answers_rare_characters(predictor):
     res = predictor.match("春风吹龘", allow_unknown=True)
     assert len(res.best) == 4
-
-
-def test_single_line_latency_is_small(predictor):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as `couplet match` does for single lines
-    try:
-        for _ in range(5):
-            predictor.match("春风得意马蹄疾")
-        times = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            predictor.match("春风得意马蹄疾")
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    # ~0.6 ms here; the bound only catches pathologies. The seed-size target: scripts/bench_infer.py
-    assert sorted(times)[len(times) // 2] < 0.05
 
 
 # --------------------------------------------------------------------------- resolving the model dir
