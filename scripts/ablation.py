@@ -13,7 +13,6 @@ replaces the table between the ablation markers in docs/decoding.md; `--json FIL
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

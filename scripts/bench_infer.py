@@ -70,7 +70,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from couplet.decode import DecodeOptions, decode
