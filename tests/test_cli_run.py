@@ -87,3 +87,34 @@ def test_config_errors_are_one_line(home, prefect_home, tarball):
     assert proc.stderr.strip() == "error: unknown config key train.max_stepz (known: " + proc.stderr.split("(known: ")[1].strip()
     proc = couplet_run(home, prefect_home, "--source", str(tarball), "--set", "train.max_steps=lots", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: train.max_steps: expected an integer, got 'lots'"
+
+
+def test_run_until_evaluate_then_match(home, prefect_home, tarball):
+    small = ["--set", "train.max_steps=40", "--set", "model.embed_dim=32", "--set", "model.n_blocks=2",
+             "--set", "train.num_threads=1", "--set", "evaluate.n_samples=3", "--set", "train.checkpoint_every=20"]
+    first = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small, "--json"))
+    assert [k for k in first["stages"]] == ["ingest", "validate", "build", "train", "evaluate", "promote"]
+    model = Path(first["model"])
+    for name in ("model.safetensors", "vocab.json", "config.json", "metrics.json", "curve.png", "samples.md"):
+        assert (model / name).is_file(), name
+    metrics = json.loads((model / "metrics.json").read_text())["test"]
+    assert metrics == first["metrics"]
+    assert metrics["length_match"] == 1.0 and metrics["copy_rate"] == 0.0
+    for key in ("char_accuracy", "exact_match", "bleu", "punct_match", "repetition_match", "tone_rate", "boundary_f1"):
+        assert key in metrics
+    assert "晚风摇树树还挺" in (model / "samples.md").read_text()
+    assert first["promotion"]["promoted"] and json.loads((home / "models" / "registry.json").read_text())["champion"] == model.name
+
+    again = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small, "--json"))
+    assert all(v["status"] == "cached" for v in again["stages"].values()), again["stages"]
+    assert again["promotion"]["champion"] == model.name
+
+    env = {**os.environ, "COUPLET_HOME": str(home)}
+    match = subprocess.run([sys.executable, "-m", "couplet", "match", "春风花月", "--top-k", "2", "--json"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert match.returncode == 0, match.stderr
+    answer = json.loads(match.stdout)
+    assert answer["model"] == model.name and len(answer["candidates"]) == 2
+    assert all(len(c["lower"]) == 4 for c in answer["candidates"])
+    bad = subprocess.run([sys.executable, "-m", "couplet", "match", "hello"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
