@@ -67,7 +67,7 @@ def _stop_all(token: str, procs: list[subprocess.Popen]) -> None:
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=10)  # a worker whose SIGINT is ignored (a `cmd &` of a script) never exits on SIGTERM
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
