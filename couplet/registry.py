@@ -66,10 +66,15 @@ def _number(metrics: dict, key: str) -> float | None:
     return float(value)
 
 
-def decide_promotion(challenger_metrics: dict, champion_metrics: dict | None, metric: str = "bleu") -> Decision:
-    """Should the challenger replace the champion? (the rule is in the module docstring)"""
+def check_metric(metric: str) -> None:
+    """Raise ValueError unless `metric` can rank models (call it before training, not after)."""
     if metric not in PROMOTION_METRICS:
         raise ValueError(f"promote.metric must be one of {', '.join(PROMOTION_METRICS)}, not {metric!r}")
+
+
+def decide_promotion(challenger_metrics: dict, champion_metrics: dict | None, metric: str = "bleu") -> Decision:
+    """Should the challenger replace the champion? (the rule is in the module docstring)"""
+    check_metric(metric)
     mine = _number(challenger_metrics, metric)
     if mine is None:
         raise ValueError(f"challenger metrics have no numeric {metric!r} (got {challenger_metrics.get(metric)!r})")
@@ -239,8 +244,10 @@ def decision_markdown(record: dict) -> str:
     keys = [k for k in (*PROMOTION_METRICS, FINGERPRINT_KEY, "n") if k in ours or k in theirs]
     keys += sorted(k for k in ours.keys() | theirs.keys() if k not in keys)
     lines += [f"| metric | this model | champion before (`{record.get('champion_before') or '-'}`) |", "| --- | ---: | ---: |"]
-    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines += [f"| {k} | {fmt(ours.get(k))} | {fmt(theirs.get(k))} |" for k in keys]
+    def cell(value) -> str:
+        return "-" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+
+    lines += [f"| {k} | {cell(ours.get(k))} | {cell(theirs.get(k))} |" for k in keys]
     return "\n".join(lines) + "\n"
 
 

@@ -59,6 +59,8 @@ def test_configured_metric():
     assert decide_promotion(challenger, champion, "exact_match").promote
     with pytest.raises(ValueError, match="promote.metric must be one of"):
         decide_promotion(challenger, champion, "copy_rate")
+    with pytest.raises(ValueError, match="not 'blue'"):
+        registry.check_metric("blue")
     with pytest.raises(ValueError, match="no numeric 'bleu'"):
         decide_promotion({"exact_match": 1.0}, None)
     with pytest.raises(ValueError, match="no numeric 'bleu'"):
