@@ -17,6 +17,7 @@ STAGE_NAMES = ("ingest", "validate", "build", "train", "evaluate")
 
 def _prefect_defaults(home: Path) -> None:
     """Keep Prefect's local state with the project unless the user configured Prefect already."""
+    home.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = str(home / ".prefect")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from couplet.atomic import atomic_directory, atomic_write_json
 from couplet.config import DataConfig
+from couplet.locks import hold_lock
 
 CODE_VERSION = "ingest-1"
 SPLITS = ("train", "test")
@@ -278,8 +279,10 @@ def fetch_raw(cfg: DataConfig, home: Path, progress: bool = True) -> tuple[RawDa
             raw = hit or _store_archive(raw_name_dir, tmp, info["sha256"], source, keep_copy=False)
         finally:
             tmp.unlink(missing_ok=True)
-        index[source] = {k: info.get(k) for k in ("sha256", "etag", "last_modified")}
-        atomic_write_json(index_path, index)
+        with hold_lock(home, f"data/raw/{cfg.name}/sources"):  # concurrent ingests share the index
+            index = _load_json(index_path)
+            index[source] = {k: info.get(k) for k in ("sha256", "etag", "last_modified")}
+            atomic_write_json(index_path, index)
         return raw, hit is not None
 
     path = Path(source).expanduser()

@@ -146,41 +146,43 @@ def samples_markdown(predictor, uppers: list[str], references: list[str], predic
 def evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool = False) -> dict:
     """Stage 5: decode the test split with the trained model and score it."""
     from couplet.evaluate import evaluate_pairs
+    from couplet.locks import hold_lock
     from couplet.predictor import Predictor
     from couplet.registry import test_fingerprint
 
     start = time.perf_counter()
     key = _hash(EVALUATE_CODE_VERSION, trained["key"], config.section_hash("decode", "evaluate"))
-    model_dir = Path(trained["model"])
-    marker = model_dir / "evaluation.json"
-    manifest = _read_json(marker)
-    if not force and manifest.get("key") == key and (model_dir / "metrics.json").is_file():
-        return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
+    with hold_lock(home, f"models/{trained['run_id']}"):  # metrics.json and samples.md are rewritten
+        model_dir = Path(trained["model"])
+        marker = model_dir / "evaluation.json"
+        manifest = _read_json(marker)
+        if not force and manifest.get("key") == key and (model_dir / "metrics.json").is_file():
+            return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
 
-    uppers, references = read_test_split(Path(built["build_dir"]))
-    if config.evaluate.max_eval is not None:
-        uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
-    predictor = Predictor.load(model_dir)
-    metrics, predictions = evaluate_pairs(predictor, uppers, references, constrained=config.decode.constrained, tone=config.decode.tone)
-    metrics["test_fingerprint"] = test_fingerprint(built["build_dir"], config.evaluate.max_eval)
-    metrics["n_test"] = len(uppers)
-    samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config)
+        uppers, references = read_test_split(Path(built["build_dir"]))
+        if config.evaluate.max_eval is not None:
+            uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
+        predictor = Predictor.load(model_dir)
+        metrics, predictions = evaluate_pairs(predictor, uppers, references, constrained=config.decode.constrained, tone=config.decode.tone)
+        metrics["test_fingerprint"] = test_fingerprint(built["build_dir"], config.evaluate.max_eval)
+        metrics["n_test"] = len(uppers)
+        samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config)
 
-    all_metrics = _read_json(model_dir / "metrics.json")
-    all_metrics["test"] = metrics
-    atomic_write_json(model_dir / "metrics.json", all_metrics)
-    samples_path = model_dir / "samples.md"
-    previous = samples_path.read_text(encoding="utf-8") if samples_path.is_file() else ""
-    previous = previous.split("## Evaluation samples")[0].rstrip()
-    atomic_write_text(samples_path, (previous + "\n\n" if previous else "") + samples_md)
-    manifest = {
-        "key": key,
-        "stage": "evaluate",
-        "model": str(model_dir),
-        "run_id": trained["run_id"],
-        "metrics": metrics,
-        "samples": sample_rows,
-        "code_version": EVALUATE_CODE_VERSION,
-    }
-    atomic_write_json(marker, manifest)
+        all_metrics = _read_json(model_dir / "metrics.json")
+        all_metrics["test"] = metrics
+        atomic_write_json(model_dir / "metrics.json", all_metrics)
+        samples_path = model_dir / "samples.md"
+        previous = samples_path.read_text(encoding="utf-8") if samples_path.is_file() else ""
+        previous = previous.split("## Evaluation samples")[0].rstrip()
+        atomic_write_text(samples_path, (previous + "\n\n" if previous else "") + samples_md)
+        manifest = {
+            "key": key,
+            "stage": "evaluate",
+            "model": str(model_dir),
+            "run_id": trained["run_id"],
+            "metrics": metrics,
+            "samples": sample_rows,
+            "code_version": EVALUATE_CODE_VERSION,
+        }
+        atomic_write_json(marker, manifest)
     return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3)}

@@ -17,6 +17,7 @@ from prefect.context import get_run_context
 from prefect.states import Completed
 
 from couplet import pipeline as stages
+from couplet import registry
 from couplet.config import Config, couplet_home, load_config
 from flows.promote import promote_model
 
@@ -125,6 +126,8 @@ def couplet_pipeline(
         promote: after evaluate, make the model champion if it beats the current one.
     """
     config = load_config(config_path, overrides)
+    if promote:
+        registry.check_metric(config.promote.metric)  # fail now, not after hours of training
     if source:
         config = stages.with_source(config, source)
     return _run_stages(config, couplet_home(), until, force, promote)
