@@ -10,7 +10,6 @@ the same bytes again are neither downloaded nor extracted twice. The parsed pair
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from couplet.atomic import atomic_directory, atomic_write_json
+from couplet.atomic import atomic_directory, atomic_write_json, read_json
 from couplet.config import DataConfig
 from couplet.locks import hold_lock
 
@@ -87,13 +86,6 @@ def find_layout(directory: Path) -> Path:
 
 def _sources_index(raw_name_dir: Path) -> Path:
     return raw_name_dir / "sources.json"
-
-
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def download(url: str, dest: Path, cfg: DataConfig, validators: dict | None = None, progress: bool = True) -> dict:
@@ -211,7 +203,7 @@ def _raw_manifest(source: str, sha256: str, size: int, layout_dir: Path, root: P
 
 def _existing_raw(raw_name_dir: Path, sha256: str) -> RawDataset | None:
     root = raw_name_dir / sha256[:12]
-    manifest = _load_json(root / "manifest.json")
+    manifest = read_json(root / "manifest.json")
     if manifest.get("sha256") != sha256:
         return None
     layout_dir = root / manifest["layout"]
@@ -258,7 +250,7 @@ def fetch_raw(cfg: DataConfig, home: Path, progress: bool = True) -> tuple[RawDa
 
     if is_url(source):
         index_path = _sources_index(raw_name_dir)
-        index = _load_json(index_path)
+        index = read_json(index_path)
         known = index.get(source)
         if expected and (hit := _existing_raw(raw_name_dir, expected)):
             return hit, True
@@ -280,7 +272,7 @@ def fetch_raw(cfg: DataConfig, home: Path, progress: bool = True) -> tuple[RawDa
         finally:
             tmp.unlink(missing_ok=True)
         with hold_lock(home, f"data/raw/{cfg.name}/sources"):  # concurrent ingests share the index
-            index = _load_json(index_path)
+            index = read_json(index_path)
             index[source] = {k: info.get(k) for k in ("sha256", "etag", "last_modified")}
             atomic_write_json(index_path, index)
         return raw, hit is not None
@@ -355,7 +347,7 @@ def run_ingest(cfg: DataConfig, home: Path, force: bool = False, progress: bool 
     raw, raw_cached = fetch_raw(cfg, home, progress=progress)
     key = ingest_key(raw.sha256)
     out_dir = home / "data" / "processed" / "ingest" / key
-    manifest = _load_json(out_dir / "manifest.json")
+    manifest = read_json(out_dir / "manifest.json")
     if not force and manifest.get("key") == key and (out_dir / "pairs.parquet").is_file():
         return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
     table = parse_pairs(raw.layout_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 import shutil
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from couplet.atomic import atomic_write_json, atomic_write_text
+from couplet.atomic import atomic_write_json, atomic_write_text, read_json
 from couplet.build import run_build
 from couplet.config import Config
 from couplet.ingest import run_ingest
@@ -77,13 +76,6 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def train(built: dict, config: Config, home: Path, force: bool = False, progress: bool = True) -> dict:
     """Stage 4: train the labeller on the build's shards into models/<run-id>/ (resumes a killed run)."""
     from couplet.locks import hold_lock
@@ -95,7 +87,7 @@ def train(built: dict, config: Config, home: Path, force: bool = False, progress
     model_dir = home / "models" / run_id
     marker = model_dir / "train.json"
     with hold_lock(home, f"models/{run_id}"):
-        manifest = _read_json(marker)
+        manifest = read_json(marker)
         if not force and manifest.get("key") == key and (model_dir / "model.safetensors").is_file():
             return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
         if force:
@@ -118,7 +110,7 @@ def train(built: dict, config: Config, home: Path, force: bool = False, progress
 
 def read_test_split(build_dir: Path) -> tuple[list[str], list[str]]:
     """Upper lines and references of the test split of a build."""
-    manifest = _read_json(build_dir / "manifest.json")
+    manifest = read_json(build_dir / "manifest.json")
     shards = sorted((s for s in manifest["shards"] if s["split"] == "test"), key=lambda s: s["length"])
     uppers, references = [], []
     for shard in shards:
@@ -155,7 +147,7 @@ def evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool
     with hold_lock(home, f"models/{trained['run_id']}"):  # metrics.json and samples.md are rewritten
         model_dir = Path(trained["model"])
         marker = model_dir / "evaluation.json"
-        manifest = _read_json(marker)
+        manifest = read_json(marker)
         if not force and manifest.get("key") == key and (model_dir / "metrics.json").is_file():
             return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
 
@@ -168,7 +160,7 @@ def evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool
         metrics["n_test"] = len(uppers)
         samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config)
 
-        all_metrics = _read_json(model_dir / "metrics.json")
+        all_metrics = read_json(model_dir / "metrics.json")
         all_metrics["test"] = metrics
         atomic_write_json(model_dir / "metrics.json", all_metrics)
         samples_path = model_dir / "samples.md"
