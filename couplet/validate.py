@@ -37,6 +37,11 @@ N_EXAMPLES = 5
 class ValidationFailed(RuntimeError):
     """The batch as a whole is unusable; the message is one line naming the rule(s)."""
 
+    def __init__(self, message: str, report_md: str = "", data_docs_page: str | None = None):
+        super().__init__(message)
+        self.report_md = report_md
+        self.data_docs_page = data_docs_page
+
 
 def _re2_class() -> str:
     cjk = "".join(f"\\x{{{lo:X}}}-\\x{{{hi:X}}}" for lo, hi in CJK_RANGES)
@@ -328,7 +333,11 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
     _register_report(home, {k: summary[k] for k in ("run_id", "key", "flow_run_id", "dataset_version", "created_at", "success", "report_dir")}
                      | {"data_docs_page": gx_result.get("data_docs_page")})
     if reasons:
-        raise ValidationFailed(f"validation failed: {summary['reason']} (report: {report_dir / 'report.md'})")
+        raise ValidationFailed(
+            f"validation failed: {summary['reason']} (report: {report_dir / 'report.md'})",
+            report_md=report_md,
+            data_docs_page=gx_result.get("data_docs_page"),
+        )
 
     manifest = {
         "key": key,

@@ -19,6 +19,7 @@ from prefect.states import Completed
 from couplet import pipeline as stages
 from couplet import registry
 from couplet.config import Config, couplet_home, load_config
+from couplet.validate import ValidationFailed
 from flows.promote import promote_model
 
 Stage = Literal["ingest", "validate", "build", "train", "evaluate"]
@@ -39,12 +40,21 @@ def ingest_dataset(config: Config, home: Path, force: bool) -> dict:
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_dataset(ingested: dict, config: Config, home: Path, force: bool) -> dict:
     run_id = str(get_run_context().task_run.flow_run_id)
-    result = stages.validate(ingested, config, home, force=force, flow_run_id=run_id)
+    try:
+        result = stages.validate(ingested, config, home, force=force, flow_run_id=run_id)
+    except ValidationFailed as failure:  # the report of a failed batch is what people need to see
+        _publish_validation_report(failure.report_md, failure.data_docs_page, passed=False)
+        raise
     if result["status"] != "cached":
-        create_markdown_artifact(key="couplet-validation-report", markdown=result.pop("report_md"), description="Data-quality report of the validate stage")
-        if result.get("data_docs_page"):
-            create_link_artifact(key="couplet-data-docs", link=result["data_docs_page"], link_text="Great Expectations Data Docs")
+        _publish_validation_report(result.pop("report_md"), result.get("data_docs_page"), passed=True)
     return _finish(result)
+
+
+def _publish_validation_report(report_md: str, data_docs_page: str | None, passed: bool) -> None:
+    verdict = "passed" if passed else "FAILED"
+    create_markdown_artifact(key="couplet-validation-report", markdown=report_md, description=f"Data-quality report ({verdict})")
+    if data_docs_page:
+        create_link_artifact(key="couplet-data-docs", link=data_docs_page, link_text="Great Expectations Data Docs")
 
 
 @task(name="build", cache_policy=NO_CACHE)

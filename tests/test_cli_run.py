@@ -118,3 +118,17 @@ def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     assert all(len(c["lower"]) == 4 for c in answer["candidates"])
     bad = subprocess.run([sys.executable, "-m", "couplet", "match", "hello"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_failed_validation_is_one_line_naming_the_rule(home, prefect_home, tmp_path):
+    from datagen import layout_files, make_pairs, write_tarball
+
+    misaligned = [(u, d[:-1]) for u, d in make_pairs(40)]
+    source = write_tarball(tmp_path / "bad.tar.gz", layout_files(misaligned, make_pairs(5, seed=2)))
+    proc = couplet_run(home, prefect_home, "--source", str(source), "--json", check=False)
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+    assert error.startswith("validation failed:") and "equal_length 40" in error
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {error}"
+    assert not (home / "data" / "processed" / "validate").exists()
+    assert not (home / "data" / "processed" / "build").exists()
