@@ -22,6 +22,7 @@ import numpy as np
 
 from couplet.config import Config, DataConfig, couplet_home
 from couplet.decode import DecodeOptions, decode
+from couplet.punct import is_punct
 from couplet.vocab import UNK, Vocab
 
 MODEL_FILES = ("model.safetensors", "vocab.json", "config.json")
@@ -164,7 +165,8 @@ class Predictor:
                 _FULL_WIDTH[ch] if ch in _FULL_WIDTH and ch not in stoi and _FULL_WIDTH[ch] in stoi else ch for ch in text
             )
         if not allow_unknown:
-            unknown = [ch for ch in dict.fromkeys(text) if ch not in stoi or stoi[ch] < 2]
+            # Punctuation outside the vocabulary is fine: the decoder copies a mark to its position.
+            unknown = [ch for ch in dict.fromkeys(text) if (ch not in stoi or stoi[ch] < 2) and not is_punct(ch)]
             if unknown:
                 raise InputError(f"characters not in the model's vocabulary: {', '.join(unknown)}")
         return text

@@ -75,6 +75,12 @@ def test_ascii_punctuation_becomes_full_width(predictor):
     assert predictor.match("春风,明月").upper == "春风，明月"
 
 
+def test_punctuation_outside_the_vocabulary_is_copied(predictor):
+    assert "；" not in predictor.vocab.stoi
+    result = predictor.match("春风；秋月", top_k=2)
+    assert all(c.lower[2] == "；" and len(c.lower) == 5 for c in result.candidates)
+
+
 def test_match_result(predictor, model_dir):
     result = predictor.match("春风得意马蹄疾", top_k=3, tone=True)
     assert result.model_id == model_dir.name
