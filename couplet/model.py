@@ -20,6 +20,9 @@ from couplet.config import Config, ModelConfig, config_from_dict
 from couplet.vocab import PAD, Vocab
 
 
+SMALL_INFERENCE_POSITIONS = 512  # up to this many positions (B*L), inference convolves by matmul
+
+
 class GatedConvBlock(nn.Module):
     """Residual gated convolution: h = conv(x) split into g, c; out = x*sigmoid(g) + c*sigmoid(-g).
 
@@ -32,10 +35,26 @@ class GatedConvBlock(nn.Module):
         self.conv = nn.Conv1d(dim, 2 * dim, kernel_size, padding="same")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x)  # (B, 2d, L)
+        small = x.shape[0] * x.shape[2] <= SMALL_INFERENCE_POSITIONS and not torch.is_grad_enabled()
+        h = self._conv_as_matmul(x) if small else self.conv(x)  # (B, 2d, L)
         g, c = h[:, : self.dim], h[:, self.dim :]  # (B, d, L) each: gate first, candidate second
         # x*s(g) + c*s(-g) == c + (x - c)*s(g) because s(-g) = 1 - s(g): one sigmoid instead of two
         return torch.lerp(c, x.to(c.dtype), torch.sigmoid(g))  # (B, d, L); the cast matters under autocast
+
+
+    def _conv_as_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution as one matmul over unfolded windows, (B, d, L) -> (B, 2d, L).
+
+        For the few positions of an interactive request, oneDNN's convolution costs ~150 µs of set-up
+        per call; the matmul costs ~50 µs (measured with one thread; see docs/benchmarks.md).
+        """
+        b, d, length = x.shape
+        k = self.conv.kernel_size[0]
+        total = k - 1  # padding='same' puts total // 2 on the left, the rest on the right
+        cols = F.pad(x, (total // 2, total - total // 2)).unfold(2, k, 1)  # (B, d, L, k)
+        cols = cols.permute(0, 2, 1, 3).reshape(b * length, d * k)  # (B*L, d*k), channel-major like the weight
+        h = torch.addmm(self.conv.bias, cols, self.conv.weight.reshape(2 * d, d * k).t())  # (B*L, 2d)
+        return h.reshape(b, length, 2 * d).transpose(1, 2)  # (B, 2d, L)
 
 
 class CoupletLabeller(nn.Module):

@@ -59,6 +59,17 @@ def test_gated_block_matches_formula_on_hand_made_input():
     g, c = h[:2], h[2:]  # first half gates, second half candidates
     expected = x[0] * torch.sigmoid(g) + c * torch.sigmoid(-g)
     torch.testing.assert_close(block(x)[0], expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the small-inference path (convolution as a matmul) gives the same
+        torch.testing.assert_close(block(x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 4, 5])
+def test_inference_matmul_path_equals_the_convolution(kernel_size):
+    torch.manual_seed(kernel_size)
+    block = GatedConvBlock(dim=8, kernel_size=kernel_size)
+    x = torch.randn(3, 8, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(block._conv_as_matmul(x), block.conv(x), rtol=1e-5, atol=1e-5)
 
 
 def test_pad_positions_do_not_influence_other_positions():
