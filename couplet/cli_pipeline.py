@@ -15,12 +15,16 @@ from couplet.config import ConfigError, couplet_home, load_config
 STAGE_NAMES = ("ingest", "validate", "build", "train", "evaluate")
 
 
-def _prefect_defaults(home: Path) -> None:
+def _prefect_defaults(home: Path, verbose: bool) -> None:
     """Keep Prefect's local state with the project unless the user configured Prefect already."""
     home.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = str(home / ".prefect")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Full logs go to the Prefect API (the run's log in the UI / `prefect flow-run logs`); the console
+    # shows only what this command prints: progress bars, probe lines, the summary or a one-line error.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -34,6 +38,7 @@ def run(
     force: Optional[str] = typer.Option(None, "--force", help="Re-run this stage and every later one even if cached."),
     promote: bool = typer.Option(True, "--promote/--no-promote", help="After evaluate, make the model champion if it beats the current one."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own log lines on the console."),
 ) -> None:
     """Run the pipeline locally through Prefect (its temporary local server; nothing to start)."""
     if until not in STAGE_NAMES:
@@ -45,7 +50,7 @@ def run(
     except ConfigError as exc:
         fail(str(exc))
     home = couplet_home()
-    _prefect_defaults(home)
+    _prefect_defaults(home, verbose)
     from flows.local_server import start_temporary_server
 
     wait_until_ready = start_temporary_server()
