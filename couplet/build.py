@@ -180,3 +180,16 @@ def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False)
         }
         atomic_write_json(tmp / "manifest.json", manifest)
     return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3)}
+
+
+def read_split_text(build_dir: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """Upper and lower lines of one split of a build, shard by shard in length order."""
+    build_dir = Path(build_dir)
+    manifest = json.loads((build_dir / "manifest.json").read_text(encoding="utf-8"))
+    uppers: list[str] = []
+    lowers: list[str] = []
+    for shard in sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["length"]):
+        table = pq.read_table(build_dir / shard["path"], columns=["up", "down"])
+        uppers += table["up"].to_pylist()
+        lowers += table["down"].to_pylist()
+    return uppers, lowers

@@ -10,10 +10,9 @@ import shutil
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from couplet.atomic import atomic_write_json, atomic_write_text, read_json
-from couplet.build import run_build
+from couplet.build import read_split_text, run_build
 from couplet.config import Config
 from couplet.ingest import run_ingest
 from couplet.validate import run_validate
@@ -108,18 +107,6 @@ def train(built: dict, config: Config, home: Path, force: bool = False, progress
     return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3)}
 
 
-def read_test_split(build_dir: Path) -> tuple[list[str], list[str]]:
-    """Upper lines and references of the test split of a build."""
-    manifest = read_json(build_dir / "manifest.json")
-    shards = sorted((s for s in manifest["shards"] if s["split"] == "test"), key=lambda s: s["length"])
-    uppers, references = [], []
-    for shard in shards:
-        table = pq.read_table(build_dir / shard["path"], columns=["up", "down"])
-        uppers += table["up"].to_pylist()
-        references += table["down"].to_pylist()
-    return uppers, references
-
-
 def samples_markdown(predictor, uppers: list[str], references: list[str], predictions: list[str], config: Config) -> tuple[str, list[dict]]:
     """The probe lines plus `n_samples` random test couplets with reference and output."""
     rows = []
@@ -140,7 +127,7 @@ def evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool
     from couplet.evaluate import evaluate_pairs
     from couplet.locks import hold_lock
     from couplet.predictor import Predictor
-    from couplet.registry import test_fingerprint
+    from couplet.registry import fingerprint_pairs
 
     start = time.perf_counter()
     key = _hash(EVALUATE_CODE_VERSION, trained["key"], config.section_hash("decode", "evaluate"))
@@ -151,12 +138,13 @@ def evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool
         if not force and manifest.get("key") == key and (model_dir / "metrics.json").is_file():
             return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
 
-        uppers, references = read_test_split(Path(built["build_dir"]))
+        uppers, references = read_split_text(built["build_dir"], "test")
+        fingerprint = fingerprint_pairs(uppers, references, config.evaluate.max_eval)  # of the whole split
         if config.evaluate.max_eval is not None:
             uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
         predictor = Predictor.load(model_dir)
         metrics, predictions = evaluate_pairs(predictor, uppers, references, constrained=config.decode.constrained, tone=config.decode.tone)
-        metrics["test_fingerprint"] = test_fingerprint(built["build_dir"], config.evaluate.max_eval)
+        metrics["test_fingerprint"] = fingerprint
         metrics["n_test"] = len(uppers)
         samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config)
 

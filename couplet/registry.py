@@ -103,16 +103,15 @@ def decide_promotion(challenger_metrics: dict, champion_metrics: dict | None, me
 def test_fingerprint(build_dir: str | Path, max_eval: int | None = None) -> str:
     """16 hex digits naming the test set a model was scored on: the build's test pairs (as text,
     order-free, so the vocabulary does not change it) and `evaluate.max_eval`."""
-    import pyarrow.parquet as pq
+    from couplet.build import read_split_text
 
-    build_dir = Path(build_dir)
-    manifest = json.loads((build_dir / "manifest.json").read_text(encoding="utf-8"))
-    rows: list[str] = []
-    for shard in manifest["shards"]:
-        if shard["split"] == "test":
-            table = pq.read_table(build_dir / shard["path"], columns=["up", "down"])
-            rows += [f"{up}\t{down}" for up, down in zip(table["up"].to_pylist(), table["down"].to_pylist())]
-    digest = hashlib.sha256("\n".join(sorted(rows)).encode("utf-8"))
+    return fingerprint_pairs(*read_split_text(build_dir, "test"), max_eval=max_eval)
+
+
+def fingerprint_pairs(uppers: list[str], references: list[str], max_eval: int | None = None) -> str:
+    """`test_fingerprint` of test pairs already in memory."""
+    rows = sorted(f"{up}\t{down}" for up, down in zip(uppers, references))
+    digest = hashlib.sha256("\n".join(rows).encode("utf-8"))
     digest.update(f"\nmax_eval={max_eval}".encode())
     return digest.hexdigest()[:16]
 
