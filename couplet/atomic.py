@@ -40,6 +40,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     If `final` already exists (another run finished the same content first) the new copy
     is discarded: outputs are content-addressed, so both are equal.
     """
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # removed again on failure
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -47,6 +48,9 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # innermost first; one another run has written into stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     if final.exists():
         old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,20 +18,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from couplet.atomic import atomic_directory, atomic_write_json
+from couplet.catalog import Catalog
 from couplet.config import DataConfig
 from couplet.ingest import sha256_file
+from couplet.stage import run_cached, stage_key
 from couplet.vocab import Vocab
 
-CODE_VERSION = "build-1"
 SPLITS = ("train", "valid", "test")
 ROW_GROUP = 65_536
 HASH_BUCKETS = 1_000_000
 
 
 def build_key(validate_key: str, cfg: DataConfig) -> str:
-    payload = f"{CODE_VERSION}:{validate_key}:{cfg.min_count}:{cfg.valid_fraction}"
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return stage_key("build", validate_key, cfg.min_count, cfg.valid_fraction)
 
 
 FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
@@ -126,15 +123,13 @@ def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.n
 
 def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False) -> dict:
     """Stage 3. Returns a small manifest: status, key, counts, paths."""
-    start = time.perf_counter()
     key = build_key(validated["key"], cfg)
-    out_dir = home / "data" / "processed" / "build" / key
-    manifest_path = out_dir / "manifest.json"
-    if not force and manifest_path.is_file() and (out_dir / "vocab.json").is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if all((out_dir / shard["path"]).is_file() for shard in manifest["shards"]):
-            return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
+    out_dir = Catalog(home).stage_dir("build", key)
+    return run_cached("build", key, out_dir, lambda folder: _build_into(folder, out_dir, validated, cfg), force=force)
 
+
+def _build_into(folder: Path, out_dir: Path, validated: dict, cfg: DataConfig) -> dict:
+    """Dedupe, split, build the vocabulary and write one shard per split and length into `folder`."""
     pairs = pq.read_table(validated["passed_path"], columns=["split", "up", "down"])
     rows_in = pairs.num_rows
     line_lengths = pc.utf8_length(pairs["up"])
@@ -145,41 +140,35 @@ def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False)
     vocab = vocab_from_codepoints([parts["train"][1:] for _, parts in groups.values()], cfg.min_count)
 
     shards, counts, lengths, unk = [], {s: 0 for s in SPLITS}, {s: {} for s in SPLITS}, {s: 0 for s in SPLITS}
-    with atomic_directory(out_dir) as tmp:
-        vocab.save(tmp / "vocab.json")
+    vocab.save(folder / "vocab.json")
+    for split in SPLITS:
+        (folder / split).mkdir()
+    for length, (group, parts) in groups.items():
         for split in SPLITS:
-            (tmp / split).mkdir()
-        for length, (group, parts) in groups.items():
-            for split in SPLITS:
-                idx, up, down = parts[split]
-                if not len(idx):
-                    continue
-                up_ids, down_ids = vocab.encode_codepoints(up), vocab.encode_codepoints(down)
-                table = shard_table(group.take(pa.array(idx)), length, up_ids, down_ids)
-                rel = f"{split}/len-{length:02d}.parquet"
-                pq.write_table(table, tmp / rel, compression="zstd", version="2.6", row_group_size=ROW_GROUP)
-                shards.append({"split": split, "length": length, "rows": len(idx), "path": rel, "sha256": sha256_file(tmp / rel)})
-                counts[split] += len(idx)
-                lengths[split][str(length)] = len(idx)
-                unk[split] += int(np.count_nonzero(up_ids == 1))
-        manifest = {
-            "key": key,
-            "stage": "build",
-            "dataset_version": validated["dataset_version"],
-            "validate_key": validated["key"],
-            "vocab_size": len(vocab),
-            "rows_in": rows_in,
-            "duplicates_removed": rows_in - sum(counts.values()),
-            "counts": counts,
-            "lengths": lengths,
-            "unk_in_upper": unk,
-            "shards": shards,
-            "params": {"min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction},
-            "build_dir": str(out_dir),
-            "code_version": CODE_VERSION,
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
-    return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3)}
+            idx, up, down = parts[split]
+            if not len(idx):
+                continue
+            up_ids, down_ids = vocab.encode_codepoints(up), vocab.encode_codepoints(down)
+            table = shard_table(group.take(pa.array(idx)), length, up_ids, down_ids)
+            rel = f"{split}/len-{length:02d}.parquet"
+            pq.write_table(table, folder / rel, compression="zstd", version="2.6", row_group_size=ROW_GROUP)
+            shards.append({"split": split, "length": length, "rows": len(idx), "path": rel, "sha256": sha256_file(folder / rel)})
+            counts[split] += len(idx)
+            lengths[split][str(length)] = len(idx)
+            unk[split] += int(np.count_nonzero(up_ids == 1))
+    return {
+        "dataset_version": validated["dataset_version"],
+        "validate_key": validated["key"],
+        "vocab_size": len(vocab),
+        "rows_in": rows_in,
+        "duplicates_removed": rows_in - sum(counts.values()),
+        "counts": counts,
+        "lengths": lengths,
+        "unk_in_upper": unk,
+        "shards": shards,
+        "params": {"min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction},
+        "build_dir": str(out_dir),
+    }
 
 
 def read_split_text(build_dir: str | Path, split: str) -> tuple[list[str], list[str]]:

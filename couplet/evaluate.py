@@ -6,6 +6,8 @@
   predictions with `couplet.metrics.compute_metrics`.
 - `ablation(predictor, uppers, references)`: the same metrics for each decoding variant, from the
   seed's argmax to every couplet constraint (each model call is shared by all variants).
+- `run_evaluate(trained, built, config, home)`: stage 5, the test split of a build scored with the
+  trained model into the model folder (`metrics.json` "test", `samples.md`, `evaluation.json`).
 
 Characters missing from the model's vocabulary are fed to the model as UNK here (test sets contain
 rare characters); lines that still cannot be answered (empty, too long, Latin letters) get an empty
@@ -15,12 +17,20 @@ prediction and are counted in `n_unanswerable`.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Sequence
 
+from couplet.atomic import atomic_write_json, atomic_write_text, read_json
+from couplet.build import read_split_text
+from couplet.catalog import MODEL_FILES, PROBE_LINES
+from couplet.config import Config
 from couplet.decode import ARGMAX, DecodeOptions, decode
+from couplet.locks import hold_lock
 from couplet.metrics import compute_metrics
 from couplet.predictor import InputError, Predictor
+from couplet.registry import fingerprint_pairs
+from couplet.stage import run_cached, stage_key
 
 # The decoding-ablation rows: each constraint alone on top of the seed's argmax, then combined.
 ABLATION_VARIANTS: list[tuple[str, DecodeOptions]] = [
@@ -166,3 +176,51 @@ def ablation_markdown(rows: list[dict]) -> str:
         cells = [fmt.format(ref[key]) if key in ref else "" for key, _, fmt in ABLATION_COLUMNS]
         lines.append("| *references* | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- stage 5
+
+
+def samples_markdown(predictor, uppers: list[str], references: list[str], predictions: list[str], config: Config) -> tuple[str, list[dict]]:
+    """The probe lines plus `n_samples` random test couplets with reference and output."""
+    rows = []
+    probes = predictor.match_batch(list(PROBE_LINES), constrained=config.decode.constrained, tone=config.decode.tone,
+                                   allow_unknown=True, errors="return")
+    for line, result in zip(PROBE_LINES, probes):
+        rows.append({"kind": "probe", "upper": line, "reference": "", "output": getattr(result, "best", f"({result})")})
+    rng = random.Random(config.train.seed)
+    for i in sorted(rng.sample(range(len(uppers)), min(config.evaluate.n_samples, len(uppers)))):
+        rows.append({"kind": "test", "upper": uppers[i], "reference": references[i], "output": predictions[i]})
+    lines = ["## Evaluation samples", "", "| | upper (上联) | reference (下联) | model |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['kind']} | {r['upper']} | {r['reference']} | {r['output']} |" for r in rows]
+    return "\n".join(lines) + "\n", rows
+
+
+def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool = False) -> dict:
+    """Stage 5: decode the test split with the trained model and score it."""
+    key = stage_key("evaluate", trained["key"], config.section_hash("decode", "evaluate"))
+    model_dir = Path(trained["model"])
+
+    def produce(folder: Path) -> dict:
+        uppers, references = read_split_text(built["build_dir"], "test")
+        fingerprint = fingerprint_pairs(uppers, references, config.evaluate.max_eval)  # of the whole split
+        if config.evaluate.max_eval is not None:
+            uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
+        predictor = Predictor.load(folder)
+        metrics, predictions = evaluate_pairs(predictor, uppers, references, constrained=config.decode.constrained, tone=config.decode.tone)
+        metrics["test_fingerprint"] = fingerprint
+        metrics["n_test"] = len(uppers)
+        samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config)
+
+        all_metrics = read_json(folder / MODEL_FILES.metrics)
+        all_metrics["test"] = metrics
+        atomic_write_json(folder / MODEL_FILES.metrics, all_metrics)
+        samples_path = folder / MODEL_FILES.samples
+        previous = samples_path.read_text(encoding="utf-8") if samples_path.is_file() else ""
+        previous = previous.split("## Evaluation samples")[0].rstrip()  # training's probe outputs stay
+        atomic_write_text(samples_path, (previous + "\n\n" if previous else "") + samples_md)
+        return {"model": str(model_dir), "run_id": trained["run_id"], "metrics": metrics, "samples": sample_rows}
+
+    with hold_lock(home, f"models/{trained['run_id']}"):  # metrics.json and samples.md are rewritten
+        return run_cached("evaluate", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.evaluate_manifest,
+                          outputs=(MODEL_FILES.metrics, MODEL_FILES.samples), in_place=True)

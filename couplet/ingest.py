@@ -26,10 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from couplet.atomic import atomic_directory, atomic_write_json, read_json
+from couplet.catalog import Catalog
 from couplet.config import DataConfig
 from couplet.locks import hold_lock
+from couplet.stage import code_version, run_cached, stage_key
 
-CODE_VERSION = "ingest-1"
 SPLITS = ("train", "test")
 LAYOUT_FILES = tuple(f"{split}/{side}.txt" for split in SPLITS for side in ("in", "out"))
 # Separators the raw files put between characters (and stray ones we tolerate): ASCII space, tab,
@@ -197,7 +198,7 @@ def _raw_manifest(source: str, sha256: str, size: int, layout_dir: Path, root: P
         "layout": str(layout_dir.relative_to(root)),
         "line_counts": counts,
         "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": CODE_VERSION,
+        "code_version": code_version("ingest"),
     }
 
 
@@ -244,7 +245,7 @@ def _store_directory(raw_name_dir: Path, layout_src: Path, sha256: str, source: 
 def fetch_raw(cfg: DataConfig, home: Path, progress: bool = True) -> tuple[RawDataset, bool]:
     """Bring the source into the raw layer. Returns the dataset and whether it was already there."""
     source = cfg.source
-    raw_name_dir = home / "data" / "raw" / cfg.name
+    raw_name_dir = Catalog(home).raw_dir(cfg.name)
     raw_name_dir.mkdir(parents=True, exist_ok=True)
     expected = cfg.sha256.lower() if cfg.sha256 else None
 
@@ -337,36 +338,26 @@ def parse_pairs(layout_dir: Path) -> pa.Table:
     return table
 
 
-def ingest_key(raw_sha256: str) -> str:
-    return hashlib.sha256(f"{CODE_VERSION}:{raw_sha256}".encode()).hexdigest()[:16]
-
-
 def run_ingest(cfg: DataConfig, home: Path, force: bool = False, progress: bool = True) -> dict:
     """Stage 1. Returns a small manifest: status, key, raw sha256, paths and counts."""
     start = time.perf_counter()
     raw, raw_cached = fetch_raw(cfg, home, progress=progress)
-    key = ingest_key(raw.sha256)
-    out_dir = home / "data" / "processed" / "ingest" / key
-    manifest = read_json(out_dir / "manifest.json")
-    if not force and manifest.get("key") == key and (out_dir / "pairs.parquet").is_file():
-        return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
-    table = parse_pairs(raw.layout_dir)
-    counts = {split: int(pc.sum(pc.equal(table["split"], split)).as_py() or 0) for split in SPLITS}
-    manifest = {
-        "key": key,
-        "stage": "ingest",
-        "dataset_version": raw.sha256[:12],
-        "raw_sha256": raw.sha256,
-        "raw_dir": str(raw.root),
-        "source": cfg.source,
-        "raw_cached": raw_cached,
-        "rows": table.num_rows,
-        "rows_per_split": counts,
-        "line_counts": raw.manifest["line_counts"],
-        "pairs_path": str(out_dir / "pairs.parquet"),
-        "code_version": CODE_VERSION,
-    }
-    with atomic_directory(out_dir) as tmp:
-        pq.write_table(table, tmp / "pairs.parquet", compression="zstd", version="2.6")
-        atomic_write_json(tmp / "manifest.json", manifest)
-    return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3)}
+    key = stage_key("ingest", raw.sha256)
+    out_dir = Catalog(home).stage_dir("ingest", key)
+
+    def produce(folder: Path) -> dict:
+        table = parse_pairs(raw.layout_dir)
+        pq.write_table(table, folder / "pairs.parquet", compression="zstd", version="2.6")
+        return {
+            "dataset_version": raw.sha256[:12],
+            "raw_sha256": raw.sha256,
+            "raw_dir": str(raw.root),
+            "source": cfg.source,
+            "raw_cached": raw_cached,
+            "rows": table.num_rows,
+            "rows_per_split": {split: int(pc.sum(pc.equal(table["split"], split)).as_py() or 0) for split in SPLITS},
+            "line_counts": raw.manifest["line_counts"],
+            "pairs_path": str(out_dir / "pairs.parquet"),
+        }
+
+    return run_cached("ingest", key, out_dir, produce, force=force, started=start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -18,9 +19,12 @@ from pathlib import Path
 import torch
 
 from couplet.atomic import atomic_write_json, atomic_write_text
+from couplet.catalog import MODEL_FILES, Catalog
 from couplet.config import Config
 from couplet.data import LengthBucketBatches, count_rows, load_split, read_manifest
+from couplet.locks import hold_lock
 from couplet.model import CoupletLabeller, save_labeller
+from couplet.stage import run_cached, stage_key
 from couplet.vocab import PAD, UNK, Vocab
 
 PROBES = ["晚风摇树树还挺", "今天天气不错", "鱼跃此时海", "只有香如故"]  # the seed's four test lines
@@ -339,3 +343,29 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- stage 4
+
+
+def run_train(built: dict, config: Config, home: Path, force: bool = False, progress: bool = True) -> dict:
+    """Stage 4: train the labeller on the build's shards into models/<run-id>/ (resumes a killed run)."""
+    key = stage_key("train", built["key"], config.section_hash("model", "train"))
+    run_id = f"{built['dataset_version']}-{key[:8]}"
+    model_dir = Catalog(home).model_dir(run_id)
+
+    def produce(folder: Path) -> dict:
+        summary = train_labeller(Path(built["build_dir"]), config, folder, progress=progress)
+        return {
+            "run_id": run_id,
+            "model": str(model_dir),
+            "build_key": built["key"],
+            "dataset_version": built["dataset_version"],
+            "training": {k: v for k, v in summary.items() if k != "model_dir"},
+        }
+
+    with hold_lock(home, f"models/{run_id}"):
+        if force:
+            shutil.rmtree(model_dir / MODEL_FILES.checkpoints, ignore_errors=True)
+        return run_cached("train", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.train_manifest,
+                          outputs=MODEL_FILES.required, in_place=True)

@@ -21,12 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from couplet.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from couplet.atomic import atomic_write_json, atomic_write_text
+from couplet.catalog import Catalog
 from couplet.config import DataConfig
 from couplet.locks import hold_lock
 from couplet.punct import PUNCTUATION
+from couplet.stage import run_cached, stage_key
 
-CODE_VERSION = "validate-1"
 SUITE_PATH = Path(__file__).parent / "suites" / "couplet_pairs.json"
 RULES = ("non_empty", "equal_length", "punctuation_aligned", "allowed_chars", "max_length", "up_differs_from_down")
 # CJK Unified Ideographs: Extension A, the basic block, compatibility ideographs, Extensions B-F.
@@ -124,8 +125,7 @@ def suite_version() -> str:
 
 
 def validate_key(ingest_key: str, cfg: DataConfig) -> str:
-    payload = f"{CODE_VERSION}:{suite_version()}:{ingest_key}:{cfg.max_len}:{cfg.max_reject_rate}"
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return stage_key("validate", suite_version(), ingest_key, cfg.max_len, cfg.max_reject_rate)
 
 
 # --------------------------------------------------------------------------- Great Expectations
@@ -139,7 +139,7 @@ def run_gx_suite(frame, home: Path, cfg: DataConfig, run_name: str) -> dict:
 
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="file", project_root_dir=str(home / "reports"))
+    context = gx.get_context(mode="file", project_root_dir=str(Catalog(home).reports_dir))
     if context.variables.progress_bars is None:
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         context.variables.save()
@@ -195,7 +195,7 @@ def run_gx_suite(frame, home: Path, cfg: DataConfig, run_name: str) -> dict:
     page = None
     for site in context.get_docs_sites_urls(resource_identifier=identifier):
         page = site.get("site_url")
-    index = home / "reports" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    index = Catalog(home).data_docs_index
     return {"success": bool(result.success), "expectations": expectations, "data_docs_page": page, "data_docs_index": str(index)}
 
 
@@ -236,7 +236,7 @@ def _markdown_report(summary: dict) -> str:
 
 
 def _register_report(home: Path, entry: dict) -> None:
-    index_path = home / "reports" / "validation" / "index.json"
+    index_path = Catalog(home).validation_index
     with hold_lock(home, "reports/validation-index"):
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -250,12 +250,13 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
     """Stage 2. Returns a small manifest; raises ValidationFailed when the batch is unusable."""
     start = time.perf_counter()
     key = validate_key(ingest["key"], cfg)
-    out_dir = home / "data" / "processed" / "validate" / key
-    manifest_path = out_dir / "manifest.json"
-    if not force and manifest_path.is_file() and (out_dir / "passed.parquet").is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
+    out_dir = Catalog(home).stage_dir("validate", key)
+    return run_cached("validate", key, out_dir, lambda folder: _validate_into(folder, out_dir, key, ingest, cfg, home, flow_run_id),
+                      force=force, started=start)
 
+
+def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: DataConfig, home: Path, flow_run_id: str | None) -> dict:
+    """Check every row and the batch, write the report, and (if the batch passes) passed/rejects into `folder`."""
     table = add_rule_columns(pq.read_table(ingest["pairs_path"]), cfg.max_len)
     failures = rule_failures(table, cfg.max_len)
     any_failure = failures[RULES[0]]
@@ -302,7 +303,7 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
     if failed_gx and not reasons:
         reasons.append("expectations failed: " + "; ".join(failed_gx))
 
-    report_dir = home / "reports" / "validation" / run_id
+    report_dir = Catalog(home).validation_report_dir(run_id)
     summary = {
         "run_id": run_id,
         "key": key,
@@ -339,9 +340,10 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
             data_docs_page=gx_result.get("data_docs_page"),
         )
 
-    manifest = {
-        "key": key,
-        "stage": "validate",
+    pq.write_table(passed, folder / "passed.parquet", compression="zstd", version="2.6")
+    pq.write_table(rejects, folder / "rejects.parquet", compression="zstd", version="2.6")
+    atomic_write_text(folder / "report.md", report_md)
+    return {
         "dataset_version": ingest["dataset_version"],
         "ingest_key": ingest["key"],
         "rows_in": rows_in,
@@ -354,20 +356,13 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
         "report_path": summary["report_path"],
         "data_docs_page": gx_result.get("data_docs_page"),
         "params": {"max_len": cfg.max_len, "max_reject_rate": cfg.max_reject_rate, "suite_version": suite_version()},
-        "code_version": CODE_VERSION,
     }
-    with atomic_directory(out_dir) as tmp:
-        pq.write_table(passed, tmp / "passed.parquet", compression="zstd", version="2.6")
-        pq.write_table(rejects, tmp / "rejects.parquet", compression="zstd", version="2.6")
-        atomic_write_text(tmp / "report.md", report_md)
-        atomic_write_json(tmp / "manifest.json", manifest)
-    return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - start, 3), "report_md": report_md}
 
 
 def latest_report(home: Path, run: str | None = None) -> dict | None:
     """The index entry of the newest validation report, or of the run whose id/flow-run id starts with `run`."""
     try:
-        runs = json.loads((home / "reports" / "validation" / "index.json").read_text(encoding="utf-8"))["runs"]
+        runs = json.loads(Catalog(home).validation_index.read_text(encoding="utf-8"))["runs"]
     except (OSError, ValueError, KeyError):
         return None
     if run:

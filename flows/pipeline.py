@@ -1,5 +1,6 @@
 """The couplet pipeline as Prefect flows. Only orchestration lives here; every stage is a plain
-function in `couplet/` that does its own content-addressed caching and returns a small manifest.
+function `run_<stage>` in `couplet/<stage>.py` that caches by content through `couplet.stage` and
+returns a small manifest.
 
 A stage whose output already exists for its cache key ends in a Completed state named `Cached`.
 """
@@ -16,13 +17,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.states import Completed
 
-from couplet import pipeline as stages
 from couplet import registry
+from couplet.build import run_build
+from couplet.catalog import STAGES
 from couplet.config import Config, couplet_home, load_config
-from couplet.validate import ValidationFailed
+from couplet.evaluate import run_evaluate
+from couplet.ingest import run_ingest
+from couplet.pipeline import summarize, with_source
+from couplet.train import run_train
+from couplet.validate import ValidationFailed, run_validate
 from flows.promote import promote_model
 
-Stage = Literal["ingest", "validate", "build", "train", "evaluate"]
+Stage = Literal[STAGES]
 
 
 def _finish(result: dict):
@@ -34,19 +40,20 @@ def _finish(result: dict):
 
 @task(name="ingest", cache_policy=NO_CACHE, retries=0)
 def ingest_dataset(config: Config, home: Path, force: bool) -> dict:
-    return _finish(stages.ingest(config, home, force=force))
+    return _finish(run_ingest(config.data, home, force=force))
 
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_dataset(ingested: dict, config: Config, home: Path, force: bool) -> dict:
     run_id = str(get_run_context().task_run.flow_run_id)
     try:
-        result = stages.validate(ingested, config, home, force=force, flow_run_id=run_id)
+        result = run_validate(ingested, config.data, home, force=force, flow_run_id=run_id)
     except ValidationFailed as failure:  # the report of a failed batch is what people need to see
         _publish_validation_report(failure.report_md, failure.data_docs_page, passed=False)
         raise
     if result["status"] != "cached":
-        _publish_validation_report(result.pop("report_md"), result.get("data_docs_page"), passed=True)
+        report_md = Path(result["report_path"]).read_text(encoding="utf-8")
+        _publish_validation_report(report_md, result.get("data_docs_page"), passed=True)
     return _finish(result)
 
 
@@ -59,7 +66,7 @@ def _publish_validation_report(report_md: str, data_docs_page: str | None, passe
 
 @task(name="build", cache_policy=NO_CACHE)
 def build_dataset(validated: dict, config: Config, home: Path, force: bool) -> dict:
-    result = stages.build(validated, config, home, force=force)
+    result = run_build(validated, config.data, home, force=force)
     if result["status"] != "cached":
         create_table_artifact(
             key="couplet-dataset-splits",
@@ -71,12 +78,12 @@ def build_dataset(validated: dict, config: Config, home: Path, force: bool) -> d
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(built: dict, config: Config, home: Path, force: bool) -> dict:
-    return _finish(stages.train(built, config, home, force=force))
+    return _finish(run_train(built, config, home, force=force))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(trained: dict, built: dict, config: Config, home: Path, force: bool) -> dict:
-    result = stages.evaluate(trained, built, config, home, force=force)
+    result = run_evaluate(trained, built, config, home, force=force)
     if result["status"] != "cached":
         metrics = result["metrics"]
         create_table_artifact(
@@ -88,31 +95,30 @@ def evaluate_model(trained: dict, built: dict, config: Config, home: Path, force
     return _finish(result)
 
 
-def _call(stage_task, *args) -> dict:
-    """Run a task and return its manifest (also when it ended in the `Cached` state); errors propagate."""
-    return stage_task(*args, return_state=True).result()
+# Each stage's task and the earlier results it takes, in the order of STAGES.
+STAGE_TASKS = {
+    "ingest": (ingest_dataset, ()),
+    "validate": (validate_dataset, ("ingest",)),
+    "build": (build_dataset, ("validate",)),
+    "train": (train_model, ("build",)),
+    "evaluate": (evaluate_model, ("train", "build")),
+}
 
 
 def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None, promote: bool) -> dict:
-    order = list(stages.STAGES)
-    forced = set(order[order.index(force):]) if force else set()
-    logger = get_run_logger()
-    results: dict[str, dict] = {}
+    """Run the stages up to `until` (re-running `force` and every later one), then promote."""
     started = time.perf_counter()
-
-    results["ingest"] = _call(ingest_dataset, config, home, "ingest" in forced)
-    if until != "ingest":
-        results["validate"] = _call(validate_dataset, results["ingest"], config, home, "validate" in forced)
-    if until not in ("ingest", "validate"):
-        results["build"] = _call(build_dataset, results["validate"], config, home, "build" in forced)
-    if until in ("train", "evaluate"):
-        results["train"] = _call(train_model, results["build"], config, home, "train" in forced)
-    if until == "evaluate":
-        results["evaluate"] = _call(evaluate_model, results["train"], results["build"], config, home, "evaluate" in forced)
-        if promote:
-            results["promote"] = _call(promote_model, results["evaluate"]["model"], results["evaluate"]["metrics"], config.promote.metric, home)
-    summary = stages.summarize(results, seconds=time.perf_counter() - started)
-    logger.info("pipeline summary: %s", {k: v["status"] for k, v in summary["stages"].items()})
+    results: dict[str, dict] = {}
+    for index, name in enumerate(STAGES[: STAGES.index(until) + 1]):
+        stage_task, needs = STAGE_TASKS[name]
+        forced = force is not None and index >= STAGES.index(force)
+        # return_state: a stage that ended in `Cached` still hands on its manifest; errors propagate
+        results[name] = stage_task(*(results[n] for n in needs), config, home, forced, return_state=True).result()
+    if until == "evaluate" and promote:
+        evaluated = results["evaluate"]
+        results["promote"] = promote_model(evaluated["model"], evaluated["metrics"], config.promote.metric, home, return_state=True).result()
+    summary = summarize(results, seconds=time.perf_counter() - started)
+    get_run_logger().info("pipeline summary: %s", {k: v["status"] for k, v in summary["stages"].items()})
     return summary
 
 
@@ -139,7 +145,7 @@ def couplet_pipeline(
     if promote:
         registry.check_metric(config.promote.metric)  # fail now, not after hours of training
     if source:
-        config = stages.with_source(config, source)
+        config = with_source(config, source)
     return _run_stages(config, couplet_home(), until, force, promote)
 
 

@@ -2,7 +2,7 @@
 
 In the flow, after evaluate:
 
-    results["promote"] = _call(promote_model, results["evaluate"]["model"], results["evaluate"]["metrics"], config.promote.metric, home)
+    results["promote"] = promote_model(model, metrics, metric, home, return_state=True).result()
 """
 
 from __future__ import annotations

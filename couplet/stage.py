@@ -1,0 +1,147 @@
+"""The one stage contract: every stage is a content-addressed, cached, atomically written step.
+
+    key = stage_key("build", validated["key"], cfg.min_count, ...)
+    return run_cached("build", key, out_dir, produce, force=force)
+
+`stage_key` hashes the stage's inputs together with `code_version(stage)`: a hash of the source of
+the stage's module and every `couplet` module it imports, directly or through others (imports inside
+functions included). Editing the model, the trainer, a validation rule or the decoder therefore
+changes the key of exactly the stages whose code runs it; comments and formatting do not count (the
+parsed syntax tree is hashed, not the text).
+
+`run_cached` reuses the output folder when its manifest carries the same key and every file the
+manifest lists still has its recorded size; otherwise it calls `produce` to write the outputs —
+into a temporary folder renamed into place (data stages), or in place with the manifest written
+last (train, which resumes from checkpoints, and evaluate, which writes into the model folder).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from couplet.atomic import atomic_directory, atomic_write_json, read_json
+from couplet.catalog import STAGES
+
+PACKAGE_ROOT = Path(__file__).resolve().parent  # the couplet/ folder
+MANIFEST = "manifest.json"
+
+
+def hash_parts(*parts: object) -> str:
+    """A short stable hash of the parts' string forms."""
+    return hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    """couplet.a.b -> root/a/b.py or root/a/b/__init__.py (None when it is not a module of ours)."""
+    parts = module.split(".")
+    if parts[0] != root.name:
+        return None
+    base = root.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(tree: ast.AST, package: str) -> Iterable[str]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)  # `from couplet import model`
+
+
+def module_closure(module: str, root: Path = PACKAGE_ROOT) -> dict[str, ast.AST]:
+    """The parsed source of `module` and of every package module it imports, transitively."""
+    trees: dict[str, ast.AST] = {}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        path = _module_file(name, root)
+        if name in trees or path is None:
+            continue
+        trees[name] = ast.parse(path.read_text(encoding="utf-8"))
+        pending += [m for m in _imported_modules(trees[name], root.name) if m not in trees]
+    return trees
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(stage: str, root: Path = PACKAGE_ROOT) -> str:
+    """Hash of the syntax trees of the code a stage runs (its module `couplet.<stage>` and imports)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    trees = module_closure(f"{root.name}.{stage}", root)
+    digest = hashlib.sha256()
+    for name in sorted(trees):
+        digest.update(name.encode() + b"\0" + ast.dump(trees[name]).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: str, *inputs: object) -> str:
+    """The cache key of a stage: its code version and its inputs (upstream keys, parameters)."""
+    return hash_parts(stage, code_version(stage), *inputs)
+
+
+def _file_sizes(folder: Path, names: Iterable[str]) -> dict[str, int]:
+    return {name: (folder / name).stat().st_size for name in names}
+
+
+def outputs_intact(folder: Path, manifest: dict) -> bool:
+    """Every output the manifest lists is there with its recorded size."""
+    outputs = manifest.get("outputs")
+    if not isinstance(outputs, dict) or not outputs:
+        return False
+    try:
+        return all((folder / name).stat().st_size == size for name, size in outputs.items())
+    except OSError:
+        return False
+
+
+def run_cached(
+    stage: str,
+    key: str,
+    out_dir: Path,
+    produce: Callable[[Path], dict],
+    *,
+    force: bool = False,
+    manifest_name: str = MANIFEST,
+    outputs: Iterable[str] | None = None,
+    in_place: bool = False,
+    started: float | None = None,
+) -> dict:
+    """Return the stage's manifest, from the cache when `out_dir` already holds it for `key`.
+
+    `produce(folder)` writes the outputs into `folder` and returns the manifest's fields. With
+    `in_place=False` the folder is a temporary sibling renamed onto `out_dir` when all is written;
+    with `in_place=True` it is `out_dir` itself and the manifest is written last. `outputs` names
+    the files whose sizes are recorded (default: every file produced). The result adds `status`
+    (`completed` or `cached`) and `seconds`.
+    """
+    started = time.perf_counter() if started is None else started
+    manifest = read_json(out_dir / manifest_name)
+    if not force and manifest.get("key") == key and outputs_intact(out_dir, manifest):
+        return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - started, 3)}
+
+    def finish(folder: Path) -> dict:
+        fields = produce(folder)
+        names = sorted(outputs) if outputs is not None else sorted(
+            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != manifest_name
+        )
+        record = {"key": key, "stage": stage, **fields, "code_version": code_version(stage), "outputs": _file_sizes(folder, names)}
+        atomic_write_json(folder / manifest_name, record)
+        return record
+
+    if in_place:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / manifest_name).unlink(missing_ok=True)
+        manifest = finish(out_dir)
+    else:
+        with atomic_directory(out_dir) as tmp:
+            manifest = finish(tmp)
+    return {**manifest, "status": "completed", "seconds": round(time.perf_counter() - started, 3)}
