@@ -48,7 +48,7 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imported_modules(tree: ast.AST, package: str) -> Iterable[str]:
+def _imported_modules(tree: ast.AST) -> Iterable[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
@@ -57,30 +57,34 @@ def _imported_modules(tree: ast.AST, package: str) -> Iterable[str]:
             yield from (f"{node.module}.{alias.name}" for alias in node.names)  # `from couplet import model`
 
 
-def module_closure(module: str, root: Path = PACKAGE_ROOT) -> dict[str, ast.AST]:
-    """The parsed source of `module` and of every package module it imports, transitively."""
-    trees: dict[str, ast.AST] = {}
+@functools.lru_cache(maxsize=256)
+def _parsed(path: Path, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...]]:
+    """Digest of a module's syntax tree and the modules it imports (cached per file state)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest(), tuple(_imported_modules(tree))
+
+
+def module_closure(module: str, root: Path = PACKAGE_ROOT) -> dict[str, str]:
+    """The syntax-tree digest of `module` and of every package module it imports, transitively."""
+    digests: dict[str, str] = {}
     pending = [module]
     while pending:
         name = pending.pop()
         path = _module_file(name, root)
-        if name in trees or path is None:
+        if name in digests or path is None:
             continue
-        trees[name] = ast.parse(path.read_text(encoding="utf-8"))
-        pending += [m for m in _imported_modules(trees[name], root.name) if m not in trees]
-    return trees
+        stat = path.stat()
+        digests[name], imports = _parsed(path, stat.st_mtime_ns, stat.st_size)
+        pending += [m for m in imports if m not in digests]
+    return digests
 
 
-@functools.lru_cache(maxsize=None)
 def code_version(stage: str, root: Path = PACKAGE_ROOT) -> str:
     """Hash of the syntax trees of the code a stage runs (its module `couplet.<stage>` and imports)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
-    trees = module_closure(f"{root.name}.{stage}", root)
-    digest = hashlib.sha256()
-    for name in sorted(trees):
-        digest.update(name.encode() + b"\0" + ast.dump(trees[name]).encode() + b"\0")
-    return digest.hexdigest()[:16]
+    digests = module_closure(f"{root.name}.{stage}", root)
+    return hash_parts(*(f"{name}={digests[name]}" for name in sorted(digests)))
 
 
 def stage_key(stage: str, *inputs: object) -> str:

@@ -1,0 +1,152 @@
+"""The stage contract: code versions derived from the source, and run_cached's reuse rules."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import couplet
+from couplet.catalog import STAGES
+from couplet.stage import code_version, module_closure, run_cached
+
+PACKAGE = Path(couplet.__file__).resolve().parent
+
+
+@pytest.fixture()
+def package_copy(tmp_path) -> Path:
+    root = tmp_path / "couplet"
+    shutil.copytree(PACKAGE, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def versions(root: Path) -> dict[str, str]:
+    return {stage: code_version(stage, root) for stage in STAGES}
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {path.name}: update this test to the module's current source"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {stage for stage in STAGES if before[stage] != after[stage]}
+
+
+def test_copy_has_the_same_versions_as_the_package(package_copy):
+    assert versions(package_copy) == versions(PACKAGE)
+
+
+def test_editing_the_model_invalidates_train_and_evaluate_only(package_copy):
+    before = versions(package_copy)
+    edit(package_copy / "model.py", "class GatedConvBlock", "GATE_SCALE = 2.0\n\n\nclass GatedConvBlock")
+    assert changed(before, versions(package_copy)) == {"train", "evaluate"}
+
+
+def test_editing_the_decoder_invalidates_evaluate_only(package_copy):
+    before = versions(package_copy)
+    edit(package_copy / "decode.py", "from __future__ import annotations", "from __future__ import annotations\nBEAM = 4")
+    assert changed(before, versions(package_copy)) == {"evaluate"}
+
+
+def test_editing_a_validation_rule_invalidates_validate(package_copy):
+    before = versions(package_copy)
+    edit(package_copy / "validate.py", '"up_differs_from_down")', '"up_differs_from_down", "extra_rule")')
+    # build and train do not run validate.py: their keys change through the validate key they hash
+    assert changed(before, versions(package_copy)) == {"validate"}
+
+
+def test_editing_the_trainer_invalidates_train(package_copy):
+    before = versions(package_copy)
+    edit(package_copy / "train.py", "def train_labeller(", "def _unused():\n    return 1\n\n\ndef train_labeller(")
+    assert changed(before, versions(package_copy)) == {"train"}
+
+
+def test_comments_and_blank_lines_do_not_count(package_copy):
+    before = versions(package_copy)
+    edit(package_copy / "model.py", "class GatedConvBlock", "# a note for readers\n\n\nclass GatedConvBlock")
+    edit(package_copy / "ingest.py", "def run_ingest(", "# why: nothing\ndef run_ingest(")
+    assert versions(package_copy) == before
+
+
+def test_closure_follows_imports_inside_functions(package_copy):
+    edit(package_copy / "ingest.py", "def run_ingest(", "def _lazy():\n    from couplet import decode  # noqa\n\n\ndef run_ingest(")
+    assert "couplet.decode" in module_closure("couplet.ingest", package_copy)
+    assert "couplet.decode" not in module_closure("couplet.ingest", PACKAGE)
+
+
+# --------------------------------------------------------------------------- run_cached
+
+
+def _producer(calls: list, text: str = "hello"):
+    def produce(folder: Path) -> dict:
+        calls.append(folder)
+        (folder / "out.txt").write_text(text, encoding="utf-8")
+        return {"rows": 1}
+
+    return produce
+
+
+def test_second_run_is_cached_and_force_reruns(tmp_path):
+    calls: list = []
+    out = tmp_path / "data" / "processed" / "ingest" / "k1"
+    first = run_cached("ingest", "k1", out, _producer(calls))
+    assert first["status"] == "completed" and first["rows"] == 1 and first["stage"] == "ingest"
+    assert first["outputs"] == {"out.txt": 5} and first["code_version"] == code_version("ingest")
+    assert run_cached("ingest", "k1", out, _producer(calls))["status"] == "cached"
+    assert len(calls) == 1
+    assert run_cached("ingest", "k1", out, _producer(calls), force=True)["status"] == "completed"
+    assert len(calls) == 2
+    assert run_cached("ingest", "k2", out, _producer(calls))["status"] == "completed"  # another key
+    assert len(calls) == 3
+
+
+def test_damaged_or_missing_output_is_a_miss(tmp_path):
+    calls: list = []
+    out = tmp_path / "stage"
+    run_cached("build", "k", out, _producer(calls))
+    (out / "out.txt").write_text("hel", encoding="utf-8")  # cut short
+    assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"
+    assert (out / "out.txt").read_text(encoding="utf-8") == "hello"
+    (out / "out.txt").unlink()
+    assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"
+    assert len(calls) == 3
+
+
+def test_a_failing_stage_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "data" / "processed" / "validate" / "k"
+
+    def produce(folder: Path) -> dict:
+        (folder / "half.parquet").write_bytes(b"PAR1")
+        raise RuntimeError("validation failed: no rows")
+
+    with pytest.raises(RuntimeError, match="no rows"):
+        run_cached("validate", "k", out, produce)
+    assert not (tmp_path / "data" / "processed" / "validate").exists()
+
+
+def test_in_place_stage_writes_its_marker_last_and_keeps_other_files(tmp_path):
+    model_dir = tmp_path / "models" / "run"
+    model_dir.mkdir(parents=True)
+    (model_dir / "checkpoints").mkdir()
+    seen = {}
+
+    def produce(folder: Path) -> dict:
+        assert folder == model_dir
+        seen["marker_during_produce"] = (folder / "train.json").exists()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        return {"run_id": "run"}
+
+    (model_dir / "train.json").write_text('{"key": "old"}', encoding="utf-8")
+    result = run_cached("train", "new", model_dir, produce, manifest_name="train.json", outputs=("model.safetensors",), in_place=True)
+    assert result["status"] == "completed" and seen["marker_during_produce"] is False
+    assert (model_dir / "checkpoints").is_dir()
+    assert run_cached("train", "new", model_dir, produce, manifest_name="train.json", outputs=("model.safetensors",),
+                      in_place=True)["status"] == "cached"
+
+
+def test_unknown_stage_has_no_code_version():
+    with pytest.raises(ValueError, match="unknown stage"):
+        code_version("deploy")
