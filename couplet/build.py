@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from couplet.catalog import Catalog
 from couplet.config import DataConfig
-from couplet.ingest import sha256_file
+from couplet.raw import sha256_file
 from couplet.stage import run_cached, stage_key
 from couplet.vocab import Vocab
 

@@ -9,9 +9,7 @@ A batch-level failure raises `ValidationFailed` with a one-line reason and write
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import time
 from datetime import datetime, timezone
@@ -24,11 +22,11 @@ import pyarrow.parquet as pq
 from couplet.atomic import atomic_write_json, atomic_write_text
 from couplet.catalog import Catalog
 from couplet.config import DataConfig
+from couplet.expectations import run_gx_suite, suite_version
 from couplet.locks import hold_lock
 from couplet.punct import PUNCTUATION
 from couplet.stage import run_cached, stage_key
 
-SUITE_PATH = Path(__file__).parent / "suites" / "couplet_pairs.json"
 RULES = ("non_empty", "equal_length", "punctuation_aligned", "allowed_chars", "max_length", "up_differs_from_down")
 # CJK Unified Ideographs: Extension A, the basic block, compatibility ideographs, Extensions B-F.
 CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
@@ -101,102 +99,17 @@ def rule_failures(table: pa.Table, max_len: int) -> dict[str, pa.Array]:
     }
 
 
-def load_suite_spec(parameters: dict) -> dict:
-    """The suite file with each `{"$PARAMETER": name}` replaced by its value.
-
-    Substituted before GX sees the suite (rather than passed as GX expectation parameters)
-    because GX's Data Docs renderers cannot format a parameterised `mostly`.
-    """
-
-    def fill(node):
-        if isinstance(node, dict):
-            if set(node) == {"$PARAMETER"}:
-                return parameters[node["$PARAMETER"]]
-            return {k: fill(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fill(v) for v in node]
-        return node
-
-    return fill(json.loads(SUITE_PATH.read_text(encoding="utf-8")))
-
-
-def suite_version() -> str:
-    return hashlib.sha256(SUITE_PATH.read_bytes()).hexdigest()[:12]
-
-
 def validate_key(ingest_key: str, cfg: DataConfig) -> str:
     return stage_key("validate", suite_version(), ingest_key, cfg.max_len, cfg.max_reject_rate)
 
 
-# --------------------------------------------------------------------------- Great Expectations
-
-
-def run_gx_suite(frame, home: Path, cfg: DataConfig, run_name: str) -> dict:
-    """Run the versioned suite on `frame` in the file context under reports/gx; returns success, stats and the docs page."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
-
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="file", project_root_dir=str(Catalog(home).reports_dir))
-    if context.variables.progress_bars is None:
-        context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        context.variables.save()
-    spec = load_suite_spec(
-        {
-            "max_len": cfg.max_len,
-            "min_pass_fraction": max(0.0, 1.0 - cfg.max_reject_rate),
-            "allowed_regex": python_allowed_regex(),
-        }
-    )
-    suite = context.suites.add_or_update(
-        gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec["meta"])
-    )
-    source = context.data_sources.add_or_update_pandas(name="couplet_dataset")
-    try:
-        asset = source.get_asset("pairs")
-    except LookupError:
-        asset = source.add_dataframe_asset(name="pairs")
-    try:
-        batch_definition = asset.get_batch_definition("all_rows")
-    except (KeyError, LookupError, ValueError):
-        batch_definition = asset.add_batch_definition_whole_dataframe("all_rows")
-    definition = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name="couplet_pairs_alignment", data=batch_definition, suite=suite)
-    )
-    checkpoint = context.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name="couplet_pairs_checkpoint",
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
-            result_format={"result_format": "SUMMARY"},
-        )
-    )
-    result = checkpoint.run(
-        batch_parameters={"dataframe": frame},
-        run_id=RunIdentifier(run_name=run_name),
-    )
-    identifier, run_result = next(iter(result.run_results.items()))
-    expectations = []
-    for r in run_result.results:
-        cfg_ = r.expectation_config
-        expectations.append(
-            {
-                "expectation": cfg_.type,
-                "column": cfg_.kwargs.get("column") or ",".join(cfg_.kwargs.get("column_list", []) or [])
-                or f"{cfg_.kwargs.get('column_A', '')}={cfg_.kwargs.get('column_B', '')}".strip("="),
-                "rule": (cfg_.meta or {}).get("rule", ""),
-                "success": bool(r.success),
-                "unexpected_percent": round(float(r.result.get("unexpected_percent") or 0.0), 4),
-                "unexpected_count": int(r.result.get("unexpected_count") or 0),
-            }
-        )
-    page = None
-    for site in context.get_docs_sites_urls(resource_identifier=identifier):
-        page = site.get("site_url")
-    index = Catalog(home).data_docs_index
-    return {"success": bool(result.success), "expectations": expectations, "data_docs_page": page, "data_docs_index": str(index)}
+def gx_parameters(cfg: DataConfig) -> dict:
+    """Values for the suite's `$PARAMETER`s."""
+    return {
+        "max_len": cfg.max_len,
+        "min_pass_fraction": max(0.0, 1.0 - cfg.max_reject_rate),
+        "allowed_regex": python_allowed_regex(),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -289,7 +202,7 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{key[:8]}"
     frame = table.select(["split", "line_no", "up", "down", "up_len", "down_len", "up_punct", "down_punct", "up_differs"]).to_pandas()
     with hold_lock(home, "reports/gx"):  # the GX project files are shared by concurrent runs
-        gx_result = run_gx_suite(frame, home, cfg, run_name=run_id)
+        gx_result = run_gx_suite(frame, home, gx_parameters(cfg), run_name=run_id)
     reject_rate = rejects.num_rows / rows_in if rows_in else 1.0
     reasons = []
     if rows_in == 0:

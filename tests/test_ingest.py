@@ -12,7 +12,8 @@ from conftest import snapshot
 from datagen import layout_files, make_pairs, write_dataset_dir, write_dataset_tarball, write_tarball
 
 from couplet.config import DataConfig
-from couplet.ingest import IngestError, fetch_raw, parse_pairs, run_ingest
+from couplet.ingest import parse_pairs, run_ingest
+from couplet.raw import IngestError, fetch_raw
 
 
 def cfg(source, **kw) -> DataConfig:
