@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from couplet.catalog import Catalog
+
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -39,7 +41,7 @@ def lock_path(home: Path, resource: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", resource.strip("/")).strip("-.")
     if not name:
         raise ValueError(f"lock resource {resource!r} has no usable name")
-    return Path(home) / ".locks" / f"{name}.lock"
+    return Catalog(Path(home)).locks_dir / f"{name}.lock"
 
 
 def _holder(fd: int) -> str:
