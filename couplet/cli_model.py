@@ -37,7 +37,9 @@ def _load_predictor(model: Optional[str], batch: bool = False):
 
 def _format(result, top_k: int, as_json: bool) -> str:
     if as_json:
-        return json.dumps(result.to_dict(), ensure_ascii=False)
+        from couplet.serving.schemas import match_payload  # the API's answer, field for field
+
+        return json.dumps(match_payload(result), ensure_ascii=False)
     if top_k == 1:
         return result.best
     return "\t".join(c.lower for c in result.candidates)
@@ -134,7 +136,7 @@ def _interactive(predictor, top_k: int, constrained: bool, tone: bool, as_json: 
                 typer.echo(f"error: {exc}")
                 continue
             if as_json:
-                typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+                typer.echo(_format(result, top_k, as_json))
             elif top_k == 1:
                 typer.echo(f"下联: {result.best}")
             else:

@@ -1,4 +1,4 @@
-"""`couplet serve`: the couplet robot over HTTP (API + web page), see couplet/serve.py and docs/serving.md."""
+"""`couplet serve`: the couplet robot over HTTP (API + web page), see couplet/serving/ and docs/serving.md."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def serve(
             predictor = Predictor.load(model_dir, device=device, num_threads=threads)  # once; shared by every request
         except (OSError, ValueError, KeyError) as exc:
             fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
-        from couplet.serve import create_app
+        from couplet.serving import create_app
 
         uvicorn.run(create_app(predictor, batching=batching), **server_kwargs)
     else:
@@ -82,4 +82,4 @@ def serve(
         os.environ["COUPLET_SERVE_BATCHING"] = "1" if batching else "0"
         if threads:
             os.environ["COUPLET_SERVE_THREADS"] = str(threads)
-        uvicorn.run("couplet.serve:app_from_env", factory=True, workers=workers, **server_kwargs)
+        uvicorn.run("couplet.serving.app:app_from_env", factory=True, workers=workers, **server_kwargs)

@@ -57,6 +57,8 @@ class MatchResult:
         return self.candidates[0].lower if self.candidates else ""
 
     def to_dict(self) -> dict:
+        # Plain values (scores as they are, -inf included), not a wire format: the API and `couplet match
+        # --json` answer with couplet.serving.schemas.match_payload (adds `relaxed`, non-finite scores null).
         return {
             "upper": self.upper,
             "candidates": [asdict(c) for c in self.candidates],

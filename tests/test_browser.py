@@ -33,8 +33,9 @@ def base_url(tmp_path_factory):
     from couplet.config import Config, ModelConfig
     from couplet.model import CoupletLabeller, save_labeller
     from couplet.predictor import Predictor
-    from couplet.serve import create_app, serve_in_thread
+    from couplet.serving import create_app
     from couplet.vocab import Vocab
+    from servers import serve_in_thread
 
     model_dir = tmp_path_factory.mktemp("browser") / "tiny-model"
     torch.manual_seed(0)

@@ -19,8 +19,11 @@ import pytest
 from couplet.config import Config, ModelConfig
 from couplet.model import CoupletLabeller, save_labeller
 from couplet.predictor import Predictor
-from couplet.serve import MAX_BODY_BYTES, TOP_K_MAX, create_app, serve_in_thread
+from couplet.serving import create_app
+from couplet.serving.body_guard import MAX_BODY_BYTES, BodyGuard
+from couplet.serving.schemas import TOP_K_MAX, MatchResponse, match_payload
 from couplet.vocab import Vocab
+from servers import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARS = "春风得意马蹄疾秋月扬明辉海阔凭鱼跃天高任鸟飞山水花草云雨红绿日夜，。"
@@ -53,10 +56,56 @@ def predictor(model_dir):
     torch.set_num_threads(before)
 
 
+class BodyReads:
+    """ASGI wrapper that records, per request, the size of every body message the app pulled from the server."""
+
+    def __init__(self, app):
+        self.app = app
+        self.requests: list[tuple[str, list[int]]] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        reads: list[int] = []
+        self.requests.append((scope["path"], reads))
+
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request":
+                reads.append(len(message.get("body", b"")))
+            return message
+
+        await self.app(scope, counted, send)
+
+    def only(self, path: str) -> list[int]:
+        """The body reads of the one request to `path` since the last `clear()`."""
+        found = [reads for p, reads in self.requests if p == path]
+        assert len(found) == 1, self.requests
+        return found[0]
+
+    def clear(self) -> None:
+        self.requests.clear()
+
+
 @pytest.fixture(scope="module")
-def base_url(predictor):
-    with serve_in_thread(create_app(predictor)) as url:
-        yield url
+def served(predictor):
+    """The default app behind a `BodyReads` recorder, under a real server: (base URL, recorder)."""
+    recorder = BodyReads(create_app(predictor))
+    with serve_in_thread(recorder) as url:
+        yield url, recorder
+
+
+@pytest.fixture(scope="module")
+def base_url(served):
+    return served[0]
+
+
+@pytest.fixture
+def body_reads(served):
+    recorder = served[1]
+    recorder.clear()
+    return recorder
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +235,51 @@ def test_openapi(client):
     assert schemas["MatchRequest"]["properties"]["top_k"]["maximum"] == TOP_K_MAX
     assert {"upper", "candidates", "constraints", "model"} <= set(schemas["MatchResponse"]["properties"])
     assert "/healthz" in spec["paths"]
+    # the 200 is documented as what is sent: a MatchResponse
+    answer = op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"$ref": "#/components/schemas/MatchResponse"}
+
+
+def test_one_serialiser_for_the_api_and_the_cli(client, predictor, model_dir):
+    """POST /api/match and `couplet match --json` answer with `match_payload`, which is a MatchResponse."""
+    from typer.testing import CliRunner
+
+    import couplet.cli_model  # noqa: F401  (registers match)
+    from couplet.cli import app
+
+    result = predictor.match(UPPER, top_k=3)
+    payload = match_payload(result)
+    assert list(payload) == list(MatchResponse.model_fields)
+    assert MatchResponse.model_validate(payload).model_dump() == payload
+    body = client.post("/api/match", json={"upper": UPPER, "top_k": 3}).json()
+    assert list(body) == list(payload)
+    assert MatchResponse.model_validate(body).model_dump() == body
+    import torch
+
+    threads = torch.get_num_threads()  # `couplet match` sets torch's (process-wide) thread count
+    try:
+        r = CliRunner().invoke(app, ["match", UPPER, "--model", str(model_dir), "--top-k", "3", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output
+    cli = json.loads(r.stdout)
+    assert list(cli) == list(payload) and cli["relaxed"] == payload["relaxed"] == body["relaxed"]
+    for answer in (body, cli):
+        assert [c["lower"] for c in answer["candidates"]] == [c["lower"] for c in payload["candidates"]]
+        assert [c["score"] for c in answer["candidates"]] == pytest.approx([c["score"] for c in payload["candidates"]], abs=1e-3)
+
+
+def test_scores_that_are_not_finite_are_null():
+    from couplet.predictor import Candidate, MatchResult
+
+    result = MatchResult("春风", [Candidate("秋月", -1.5), Candidate("秋雨", float("-inf"))], ["no_copy"], "m", relaxed=["tone"])
+    assert match_payload(result) == {
+        "upper": "春风",
+        "candidates": [{"lower": "秋月", "score": -1.5}, {"lower": "秋雨", "score": None}],
+        "constraints": ["no_copy"],
+        "relaxed": ["tone"],
+        "model": "m",
+    }
 
 
 def test_web_page_is_self_contained(client):
@@ -253,10 +347,9 @@ def test_empty_body(client):
     assert_error(client.post("/api/match", headers={"content-type": "application/json"}), 422, "empty")
 
 
-def test_invalid_utf8_is_a_4xx(client):
+def test_invalid_utf8_is_a_400(client):
     resp = client.post("/api/match", content=b'{"upper": "\xff\xfe"}', headers={"content-type": "application/json"})
-    assert 400 <= resp.status_code < 500
-    assert "error" in resp.json()
+    assert_error(resp, 400, "parsing the body")
 
 
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None])
@@ -274,7 +367,7 @@ def test_oversized_body_is_413(client):
     assert_error(client.post("/api/match", content=body, headers={"content-type": "application/json"}), 413, "too large")
 
 
-def test_oversized_declared_length_refused_before_reading(base_url):
+def test_oversized_declared_length_refused_before_reading(base_url, body_reads):
     """A huge Content-Length is answered 413 at once, without waiting for (or reading) the body."""
     head = (
         "POST /api/match HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -285,21 +378,54 @@ def test_oversized_declared_length_refused_before_reading(base_url):
     assert time.monotonic() - t0 < 3
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b'"error"' in reply
+    assert body_reads.only("/api/match") == []  # not one body message was pulled from the server
 
 
-def test_streamed_body_is_capped(client):
-    """Chunked bodies have no Content-Length: the cap applies while reading."""
-    sent = []
+def test_streamed_body_is_capped(client, body_reads):
+    """Chunked bodies have no Content-Length: the cap applies while reading, and reading stops there."""
 
     def chunks():
         yield b'{"upper": "'
         for _ in range(64):  # 64 KiB, 4x the cap
-            sent.append(1)
             yield b"x" * 1024
         yield b'"}'
 
     resp = client.post("/api/match", content=chunks(), headers={"content-type": "application/json"})
     assert_error(resp, 413, "too large")
+    # uvicorn hands over whatever has arrived in one message, so the split varies; what the server read
+    # does not: everything before the last message it pulled fitted under the cap, the last one crossed it.
+    reads = body_reads.only("/api/match")
+    assert reads and sum(reads[:-1]) <= MAX_BODY_BYTES < sum(reads), reads
+    assert sum(reads) <= 11 + 64 * 1024 + 2
+
+
+def test_body_guard_stops_pulling_at_the_cap():
+    """The guard alone, message by message: it pulls exactly up to the message that crosses the cap."""
+    import asyncio
+
+    messages = [b'{"upper": "'] + [b"x" * 1024] * 64 + [b'"}']
+    pulled: list[int] = []
+    sent: list[dict] = []
+    reached_app = []
+
+    async def receive():
+        body = messages[len(pulled)]
+        pulled.append(len(body))
+        return {"type": "http.request", "body": body, "more_body": len(pulled) < len(messages)}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        reached_app.append(scope)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/match", "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")]}
+    asyncio.run(BodyGuard(app)(scope, receive, send))
+    assert len(pulled) == 1 + MAX_BODY_BYTES // 1024  # the opening 11 bytes, then 16 KiB-chunks: the 16th crosses
+    assert sum(pulled) == 11 + MAX_BODY_BYTES and sum(pulled[:-1]) <= MAX_BODY_BYTES
+    assert not reached_app
+    assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"]) == {"error": f"request body too large: over {MAX_BODY_BYTES} bytes"}
 
 
 def test_chunked_small_body_is_fine(client):
