@@ -18,7 +18,7 @@ same test split by the configured metric (`promote.metric`, default `bleu`, char
 challenger is promoted. Metrics carry `test_fingerprint` (see `test_fingerprint`); when the two
 fingerprints differ, the scores are not comparable and, since re-evaluating the champion is out of
 scope, the challenger is *not* promoted: the champion keeps serving and the reason says how to
-promote by hand (`python -m couplet.registry promote <run-id> --force`). A model that is not
+promote by hand (`couplet champion set <run-id> --force`). A model that is not
 promoted keeps its folder.
 
 Deciding again on the same (challenger, champion, metrics) adds no record and returns the earlier
@@ -29,11 +29,9 @@ Writers hold the `models/registry` lock (couplet.locks) and replace the file ato
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,7 +83,7 @@ def decide_promotion(challenger_metrics: dict, champion_metrics: dict | None, me
         return Decision(
             False,
             f"not comparable: evaluated on test split {ours or 'unknown'}, the champion on {theirs or 'unknown'}; "
-            "champion kept (promote by hand with `python -m couplet.registry promote <run-id> --force`)",
+            "champion kept (promote by hand with `couplet champion set <run-id> --force`)",
         )
     for key in (metric, *(k for k in TIE_BREAKS if k != metric)):
         a, b = _number(challenger_metrics, key), _number(champion_metrics, key)
@@ -249,34 +247,3 @@ def decision_markdown(record: dict) -> str:
     lines += [f"| {k} | {cell(ours.get(k))} | {cell(theirs.get(k))} |" for k in keys]
     return "\n".join(lines) + "\n"
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m couplet.registry show | promote <run-id> --force [--reason TEXT]`."""
-    from couplet.config import couplet_home
-
-    parser = argparse.ArgumentParser(prog="python -m couplet.registry", description="Show or set the champion model.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("show", help="print the champion and the last decisions")
-    force = sub.add_parser("promote", help="make a model champion regardless of the rule")
-    force.add_argument("run_id", help="a folder name under $COUPLET_HOME/models/")
-    force.add_argument("--force", action="store_true", required=True, help="required: you are overriding the rule")
-    force.add_argument("--reason", default="promoted by hand")
-    args = parser.parse_args(argv)
-    home = couplet_home()
-    try:
-        if args.command == "promote":
-            record = force_promote(args.run_id, home, args.reason)
-            print(f"champion is now {record['run_id']} (was {record['champion_before'] or 'none'})")
-            return 0
-        registry = read_registry(home)
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"champion {registry['champion'] or '-'}  {json.dumps(registry.get('champion_metrics') or {}, ensure_ascii=False)}")
-    for r in registry["history"][-10:]:
-        print(f"{r['time']}  {r['run_id']}  {'PROMOTED' if r['promoted'] else 'kept    '}  {r['reason']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -199,7 +199,7 @@ def test_evaluate_pairs_and_ablation(predictor):
 
 @pytest.fixture(scope="module")
 def cli():
-    import couplet.cli_model  # noqa: F401  (registers match/evaluate)
+    import couplet.cli.model  # noqa: F401  (registers match/evaluate)
     from couplet.cli import app
 
     runner = CliRunner()

@@ -155,23 +155,38 @@ def test_same_decision_again_is_cached(tmp_path):
     assert third["status"] == "completed" and not third["promoted"] and "not comparable" in third["reason"]
 
 
-def test_force_promote_and_cli(tmp_path, monkeypatch, capsys):
+def test_force_promote_and_cli(tmp_path, monkeypatch):
+    """`couplet champion set <run-id> --force` and `couplet champion show`."""
+    from typer.testing import CliRunner
+
+    import couplet.cli.registry  # noqa: F401  (registers `champion`)
+    from couplet.cli import app
+
+    def champion(*args: str):
+        return CliRunner().invoke(app, ["champion", *args])
+
     home = tmp_path
     a, b = make_model(home, "run-a"), make_model(home, "run-b")
     promote(a, metrics(10.0), home)
     promote(b, metrics(50.0, fp="split-b"), home)
     assert registry.read_registry(home)["champion"] == "run-a"
     monkeypatch.setenv("COUPLET_HOME", str(home))
-    assert registry.main(["promote", "run-b", "--force", "--reason", "new data drop"]) == 0
-    assert "champion is now run-b (was run-a)" in capsys.readouterr().out
+    r = champion("set", "run-b")  # without --force: refused, nothing written
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert registry.read_registry(home)["champion"] == "run-a"
+    r = champion("set", "run-b", "--force", "--reason", "new data drop")
+    assert r.exit_code == 0, r.output
+    assert "champion is now run-b (was run-a)" in r.stdout
     data = registry.read_registry(home)
     assert data["champion"] == "run-b" and data["history"][-1]["forced"] and data["history"][-1]["reason"] == "new data drop"
     assert data["champion_metrics"]["test_fingerprint"] == "split-b"
-    assert registry.main(["show"]) == 0
-    assert "champion run-b" in capsys.readouterr().out
+    r = champion("show")
+    assert r.exit_code == 0
+    assert "champion run-b" in r.stdout
     make_model(home, "run-new")
-    assert registry.main(["promote", "run-new", "--force"]) == 1
-    assert "never evaluated" in capsys.readouterr().err
+    r = champion("set", "run-new", "--force")
+    assert r.exit_code == 1
+    assert "never evaluated" in r.stderr
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -244,7 +244,7 @@ def test_one_serialiser_for_the_api_and_the_cli(client, predictor, model_dir):
     """POST /api/match and `couplet match --json` answer with `match_payload`, which is a MatchResponse."""
     from typer.testing import CliRunner
 
-    import couplet.cli_model  # noqa: F401  (registers match)
+    import couplet.cli.model  # noqa: F401  (registers match)
     from couplet.cli import app
 
     result = predictor.match(UPPER, top_k=3)

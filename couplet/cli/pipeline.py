@@ -9,10 +9,9 @@ from typing import Optional
 
 import typer
 
+from couplet.catalog import STAGES
 from couplet.cli import app, fail
 from couplet.config import ConfigError, couplet_home, load_config
-
-STAGE_NAMES = ("ingest", "validate", "build", "train", "evaluate")
 
 
 def _prefect_defaults(home: Path, verbose: bool) -> None:
@@ -32,7 +31,7 @@ def _prefect_defaults(home: Path, verbose: bool) -> None:
 @app.command()
 def run(
     source: Optional[str] = typer.Option(None, "--source", help="Dataset URL, .tar.gz or directory (default: data.source)."),
-    until: str = typer.Option("build", "--until", help=f"Last stage: {', '.join(STAGE_NAMES)}."),
+    until: str = typer.Option("build", "--until", help=f"Last stage: {', '.join(STAGES)}."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.max_steps=300 (repeatable)."),
     force: Optional[str] = typer.Option(None, "--force", help="Re-run this stage and every later one even if cached."),
@@ -41,10 +40,10 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own log lines on the console."),
 ) -> None:
     """Run the pipeline locally through Prefect (its temporary local server; nothing to start)."""
-    if until not in STAGE_NAMES:
-        fail(f"--until must be one of {', '.join(STAGE_NAMES)}, not {until!r}")
-    if force is not None and force not in STAGE_NAMES:
-        fail(f"--force must be one of {', '.join(STAGE_NAMES)}, not {force!r}")
+    if until not in STAGES:
+        fail(f"--until must be one of {', '.join(STAGES)}, not {until!r}")
+    if force is not None and force not in STAGES:
+        fail(f"--force must be one of {', '.join(STAGES)}, not {force!r}")
     try:
         load_config(config, set_)  # fail fast on bad keys, before Prefect starts
     except ConfigError as exc:

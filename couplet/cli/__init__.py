@@ -1,9 +1,10 @@
-"""The `couplet` command line. Each command lives in a small module that registers itself on `app`."""
+"""The `couplet` command line. Each command lives in a small module of this package that registers
+itself on `app`: pipeline.py (run, report), model.py (match, evaluate), serve.py (serve),
+registry.py (champion show|set)."""
 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import typer
 
@@ -17,9 +18,10 @@ app = typer.Typer(
 
 # Modules that define commands with `@app.command()`; imported lazily so `couplet --help` stays fast.
 COMMAND_MODULES = [
-    "couplet.cli_pipeline",  # run, report
-    "couplet.cli_model",  # match, evaluate
-    "couplet.cli_serve",  # serve
+    "couplet.cli.pipeline",  # run, report
+    "couplet.cli.model",  # match, evaluate
+    "couplet.cli.serve",  # serve
+    "couplet.cli.registry",  # champion show | champion set
 ]
 
 
@@ -33,9 +35,3 @@ def main() -> None:
     for name in COMMAND_MODULES:
         importlib.import_module(name)
     app()
-
-
-if __name__ == "__main__":  # `python -m couplet.cli`: use the importable module's `app`
-    from couplet.cli import main as _main
-
-    sys.exit(_main())
