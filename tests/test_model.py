@@ -1,4 +1,5 @@
-"""The gated-CNN labeller: shapes, PAD masking, the gated block's formula, the fused loss, save/load."""
+"""The gated-CNN labeller: shapes, PAD masking, the gated block's formula, the loss, save/load.
+(The speed kernels' equivalence tests are in test_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from couplet.config import Config, ModelConfig
-from couplet.model import CoupletLabeller, GatedConvBlock, fused_linear_cross_entropy, load_labeller, save_labeller
+from couplet.model import CoupletLabeller, GatedConvBlock, load_labeller, save_labeller
 from couplet.vocab import PAD, UNK, Vocab
 
 SMALL = ModelConfig(embed_dim=32, n_blocks=2)
@@ -63,15 +64,6 @@ def test_gated_block_matches_formula_on_hand_made_input():
         torch.testing.assert_close(block(x)[0], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel_size", [1, 3, 4, 5])
-def test_inference_matmul_path_equals_the_convolution(kernel_size):
-    torch.manual_seed(kernel_size)
-    block = GatedConvBlock(dim=8, kernel_size=kernel_size)
-    x = torch.randn(3, 8, 7)
-    with torch.no_grad():
-        torch.testing.assert_close(block._conv_as_matmul(x), block.conv(x), rtol=1e-5, atol=1e-5)
-
-
 def test_pad_positions_do_not_influence_other_positions():
     model = tiny_model().eval()
     with torch.no_grad():
@@ -100,22 +92,6 @@ def test_loss_ignores_pad_targets():
     keep = targets != PAD
     expected = -logp.gather(2, targets.unsqueeze(2)).squeeze(2)[keep].mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_fused_loss_matches_autograd_cross_entropy():
-    torch.manual_seed(0)
-    x = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 40, (23,))
-    t[:4] = PAD
-    fused = fused_linear_cross_entropy(x, w, b, t)
-    grads = torch.autograd.grad(2.5 * fused, (x, w, b))
-    plain = F.cross_entropy(F.linear(x, w, b), t, ignore_index=PAD)
-    expected = torch.autograd.grad(2.5 * plain, (x, w, b))
-    torch.testing.assert_close(fused, plain)
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want)
 
 
 def test_log_probs_is_eval_mode_and_normalised():
@@ -177,15 +153,3 @@ def test_cpu_bf16_autocast_trains_with_fp32_weights():
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_fused_loss_bf16_matmuls_stay_close_to_fp32():
-    torch.manual_seed(0)
-    x, w, b = torch.randn(40, 16), torch.randn(60, 16) * 0.3, torch.randn(60) * 0.1
-    t = torch.randint(1, 60, (40,))
-    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
-    loss16 = fused_linear_cross_entropy(*leaves, t, matmul_dtype=torch.bfloat16)
-    loss16.backward()
-    loss32 = F.cross_entropy(F.linear(x, w, b), t)
-    assert loss16.dtype == torch.float32 and abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
-    assert all(v.grad.dtype == torch.float32 for v in leaves)

@@ -1,0 +1,56 @@
+"""The speed kernels of couplet/kernels.py, each held to the stock PyTorch expression it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from couplet.kernels import conv1d_same_as_matmul, fused_linear_cross_entropy
+from couplet.model import GatedConvBlock
+from couplet.vocab import PAD
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only adds sync overhead on a shared 2-core box
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 4, 5])
+def test_inference_matmul_path_equals_the_convolution(kernel_size):
+    torch.manual_seed(kernel_size)
+    block = GatedConvBlock(dim=8, kernel_size=kernel_size)
+    x = torch.randn(3, 8, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(conv1d_same_as_matmul(x, block.conv.weight, block.conv.bias), block.conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_matches_autograd_cross_entropy():
+    torch.manual_seed(0)
+    x = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (23,))
+    t[:4] = PAD
+    fused = fused_linear_cross_entropy(x, w, b, t)
+    grads = torch.autograd.grad(2.5 * fused, (x, w, b))
+    plain = F.cross_entropy(F.linear(x, w, b), t, ignore_index=PAD)
+    expected = torch.autograd.grad(2.5 * plain, (x, w, b))
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_loss_bf16_matmuls_stay_close_to_fp32():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(40, 16), torch.randn(60, 16) * 0.3, torch.randn(60) * 0.1
+    t = torch.randint(1, 60, (40,))
+    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    loss16 = fused_linear_cross_entropy(*leaves, t, matmul_dtype=torch.bfloat16)
+    loss16.backward()
+    loss32 = F.cross_entropy(F.linear(x, w, b), t)
+    assert loss16.dtype == torch.float32 and abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
+    assert all(v.grad.dtype == torch.float32 for v in leaves)
