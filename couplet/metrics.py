@@ -4,6 +4,9 @@
 
 Accuracy against the reference lower line (下联):
 - `char_accuracy`: matching characters at the same position / reference characters;
+- `ideograph_accuracy`: the same over the positions whose upper character is a CJK ideograph
+  (`couplet.punct.is_ideograph`), so punctuation -- copied in place by the decoder, hence always
+  right -- does not flatter punctuated data (`ideograph_positions` of them were scored);
 - `exact_match`: share of lines predicted exactly;
 - `bleu`: sacrebleu corpus BLEU (0-100) over characters. Both sides are written as characters
   separated by spaces and scored with `tokenize="none"`, so every character (Han, punctuation or
@@ -32,7 +35,7 @@ import logging
 from typing import Sequence
 
 from couplet.decode import PING, ZE, char_tone, final_position
-from couplet.punct import is_punct
+from couplet.punct import is_ideograph, is_punct
 
 _JIEBA = None
 
@@ -167,6 +170,18 @@ def corpus_bleu(references: Sequence[str], predictions: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score)
 
 
+def ideograph_hits(uppers: Sequence[str], references: Sequence[str], predictions: Sequence[str]) -> tuple[int, int]:
+    """(correct, scored): positions of the reference whose upper character is an ideograph, and how
+    many of them the prediction matches (a position the prediction lacks counts as wrong)."""
+    correct = total = 0
+    for upper, ref, pred in zip(uppers, references, predictions):
+        for i, (up, want) in enumerate(zip(upper, ref)):
+            if is_ideograph(up):
+                total += 1
+                correct += i < len(pred) and pred[i] == want
+    return correct, total
+
+
 def compute_metrics(
     uppers: Sequence[str], references: Sequence[str], predictions: Sequence[str]
 ) -> dict[str, object]:
@@ -181,10 +196,13 @@ def compute_metrics(
         total += len(ref)
         correct += sum(a == b for a, b in zip(ref, pred))
         exact += ref == pred
+    ideo_correct, ideo_total = ideograph_hits(uppers, references, predictions)
     cache: dict[str, frozenset[int]] = {}
     metrics: dict[str, object] = {
         "n": n,
         "char_accuracy": correct / total if total else 0.0,
+        "ideograph_accuracy": ideo_correct / ideo_total if ideo_total else 0.0,
+        "ideograph_positions": ideo_total,
         "exact_match": exact / n if n else 0.0,
         "bleu": corpus_bleu(references, predictions),
     }

@@ -24,12 +24,10 @@ from couplet.catalog import Catalog
 from couplet.config import DataConfig
 from couplet.expectations import run_gx_suite, suite_version
 from couplet.locks import hold_lock
-from couplet.punct import PUNCTUATION
+from couplet.punct import CJK_RANGES, PUNCTUATION
 from couplet.stage import run_cached, stage_key
 
 RULES = ("non_empty", "equal_length", "punctuation_aligned", "allowed_chars", "max_length", "up_differs_from_down")
-# CJK Unified Ideographs: Extension A, the basic block, compatibility ideographs, Extensions B-F.
-CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
 N_EXAMPLES = 5
 
 

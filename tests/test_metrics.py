@@ -100,3 +100,26 @@ def test_unequal_inputs_and_empty():
         compute_metrics(["天"], ["地"], [])
     m = compute_metrics([], [], [])
     assert m["n"] == 0 and m["bleu"] == 0.0
+
+
+def test_ideograph_accuracy_ignores_punctuation_positions():
+    uppers = ["春风，明月。", "天地"]
+    refs = ["秋雨，清风。", "山水"]
+    preds = ["秋雨，白云。", "山川"]  # 2 of 4 and 1 of 2 ideograph positions right; the marks are always right
+    m = compute_metrics(uppers, refs, preds)
+    assert m["ideograph_positions"] == 6 and m["ideograph_accuracy"] == pytest.approx(3 / 6)
+    assert m["char_accuracy"] == pytest.approx(5 / 8)  # the copied marks flatter character accuracy
+    keys = list(m)
+    assert keys.index("ideograph_accuracy") == keys.index("char_accuracy") + 1  # printed side by side
+    short = compute_metrics(["天地人"], ["山水风"], ["山"])  # a missing position counts as wrong
+    assert short["ideograph_accuracy"] == pytest.approx(1 / 3)
+    assert compute_metrics([], [], [])["ideograph_accuracy"] == 0.0
+
+
+def test_is_ideograph_shares_the_validation_ranges():
+    from couplet import validate
+    from couplet.punct import CJK_RANGES, is_ideograph
+
+    assert validate.CJK_RANGES is CJK_RANGES
+    assert is_ideograph("春") and is_ideograph("\U00020000") and is_ideograph("\u3400")
+    assert not any(is_ideograph(ch) for ch in "，。a1 ")
