@@ -7,7 +7,10 @@
 - `ablation(predictor, uppers, references)`: the same metrics for each decoding variant, from the
   seed's argmax to every couplet constraint (each model call is shared by all variants).
 - `run_evaluate(trained, built, config, home)`: stage 5, the test split of a build scored with the
-  trained model into the model folder (`metrics.json` "test", `samples.md`, `evaluation.json`).
+  trained model into the model folder (`metrics.json` "test", `samples.md`, `evaluation.json`),
+  beside the dictionary baseline of the build's train split (couplet.baseline), scored on the same
+  pairs with the same decoding: `metrics.json` "test_baseline", a column of `samples.md`, and
+  `baseline_ideograph_accuracy` / `beats_baseline` in the test metrics (what promotion reads).
 
 Characters missing from the model's vocabulary are fed to the model as UNK here (test sets contain
 rare characters); lines that still cannot be answered (empty, too long, Latin letters) get an empty
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from couplet.atomic import atomic_write_json, atomic_write_text, read_json
+from couplet.baseline import DictionaryBaseline
 from couplet.build import read_split_text
 from couplet.catalog import MODEL_FILES, PROBE_LINES
 from couplet.config import Config
@@ -153,6 +157,7 @@ def ablation(
 
 ABLATION_COLUMNS = [
     ("bleu", "BLEU", "{:.2f}"),
+    ("ideograph_accuracy", "ideograph acc", "{:.3f}"),
     ("char_accuracy", "char acc", "{:.3f}"),
     ("exact_match", "exact", "{:.3f}"),
     ("copy_rate", "copy", "{:.3f}"),
@@ -181,19 +186,50 @@ def ablation_markdown(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- stage 5
 
 
-def samples_markdown(predictor, uppers: list[str], references: list[str], predictions: list[str], config: Config) -> tuple[str, list[dict]]:
-    """The probe lines plus `n_samples` random test couplets with reference and output."""
-    rows = []
-    probes = predictor.match_batch(list(PROBE_LINES), constrained=config.decode.constrained, tone=config.decode.tone,
-                                   allow_unknown=True, errors="return")
-    for line, result in zip(PROBE_LINES, probes):
-        rows.append({"kind": "probe", "upper": line, "reference": "", "output": getattr(result, "best", f"({result})")})
+def samples_markdown(
+    predictor, uppers: list[str], references: list[str], predictions: list[str], config: Config,
+    baseline=None, baseline_predictions: list[str] | None = None, preamble: str = "",
+) -> tuple[str, list[dict]]:
+    """The probe lines plus `n_samples` random test couplets with reference and output (and the
+    dictionary baseline's output, when `baseline` and its test predictions are given), after
+    `preamble` (Markdown, e.g. the scores)."""
+    def probe(answerer) -> list[str]:
+        results = answerer.match_batch(list(PROBE_LINES), constrained=config.decode.constrained, tone=config.decode.tone,
+                                       allow_unknown=True, errors="return")
+        return [getattr(result, "best", f"({result})") for result in results]
+
+    with_baseline = baseline is not None and baseline_predictions is not None
+    rows = [{"kind": "probe", "upper": line, "reference": "", "output": out} for line, out in zip(PROBE_LINES, probe(predictor))]
     rng = random.Random(config.train.seed)
-    for i in sorted(rng.sample(range(len(uppers)), min(config.evaluate.n_samples, len(uppers)))):
-        rows.append({"kind": "test", "upper": uppers[i], "reference": references[i], "output": predictions[i]})
-    lines = ["## Evaluation samples", "", "| | upper (上联) | reference (下联) | model |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['kind']} | {r['upper']} | {r['reference']} | {r['output']} |" for r in rows]
+    tests = sorted(rng.sample(range(len(uppers)), min(config.evaluate.n_samples, len(uppers))))
+    rows += [{"kind": "test", "upper": uppers[i], "reference": references[i], "output": predictions[i]} for i in tests]
+    if with_baseline:
+        for row, out in zip(rows, probe(baseline) + [baseline_predictions[i] for i in tests]):
+            row["baseline"] = out
+    columns = ["kind", "upper", "reference", "output"] + (["baseline"] if with_baseline else [])
+    head = ["", "upper (上联)", "reference (下联)", "model"] + (["dictionary baseline"] if with_baseline else [])
+    lines = ["## Evaluation samples", "", *([preamble, ""] if preamble else [])]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n", rows
+
+
+SCORE_COLUMNS = [("ideograph_accuracy", "ideograph acc", "{:.3f}"), ("char_accuracy", "char acc", "{:.3f}"),
+                 ("exact_match", "exact", "{:.3f}"), ("bleu", "BLEU", "{:.2f}")]
+
+
+def scores_markdown(scores: dict[str, dict]) -> str:
+    """The headline test metrics of each row ({name: metrics}) as a Markdown table."""
+    lines = ["| test split | " + " | ".join(label for _, label, _ in SCORE_COLUMNS) + " |",
+             "| --- |" + " ---: |" * len(SCORE_COLUMNS)]
+    for name, metrics in scores.items():
+        lines.append(f"| {name} | " + " | ".join(fmt.format(metrics[key]) for key, _, fmt in SCORE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def beats_baseline(metrics: dict, baseline_metrics: dict) -> bool:
+    """Whether a model's ideograph accuracy is above the dictionary baseline's (on the same pairs)."""
+    return metrics["ideograph_accuracy"] > baseline_metrics["ideograph_accuracy"] + 1e-9
 
 
 def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool = False) -> dict:
@@ -207,19 +243,31 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         if config.evaluate.max_eval is not None:
             uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
         predictor = Predictor.load(folder)
-        metrics, predictions = evaluate_pairs(predictor, uppers, references, constrained=config.decode.constrained, tone=config.decode.tone)
-        metrics["test_fingerprint"] = fingerprint
-        metrics["n_test"] = len(uppers)
-        samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config)
+        decoding = {"constrained": config.decode.constrained, "tone": config.decode.tone}
+        metrics, predictions = evaluate_pairs(predictor, uppers, references, **decoding)
+        baseline = DictionaryBaseline.from_build(built["build_dir"], predictor.config)  # same max_len: same lines answered
+        baseline_metrics, baseline_predictions = evaluate_pairs(baseline, uppers, references, **decoding)
+        for scored in (metrics, baseline_metrics):
+            scored["test_fingerprint"] = fingerprint
+            scored["n_test"] = len(uppers)
+        metrics["baseline_ideograph_accuracy"] = baseline_metrics["ideograph_accuracy"]
+        metrics["beats_baseline"] = beats_baseline(metrics, baseline_metrics)
+        preamble = scores_markdown({f"model ({len(uppers)} couplets)": metrics, "dictionary baseline": baseline_metrics})
+        if not metrics["beats_baseline"]:
+            preamble += "\n\nThe model does **not** beat the dictionary baseline on ideograph accuracy."
+        samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config,
+                                                   baseline, baseline_predictions, preamble)
 
         all_metrics = read_json(folder / MODEL_FILES.metrics)
         all_metrics["test"] = metrics
+        all_metrics["test_baseline"] = baseline_metrics
         atomic_write_json(folder / MODEL_FILES.metrics, all_metrics)
         samples_path = folder / MODEL_FILES.samples
         previous = samples_path.read_text(encoding="utf-8") if samples_path.is_file() else ""
         previous = previous.split("## Evaluation samples")[0].rstrip()  # training's probe outputs stay
         atomic_write_text(samples_path, (previous + "\n\n" if previous else "") + samples_md)
-        return {"model": str(model_dir), "run_id": trained["run_id"], "metrics": metrics, "samples": sample_rows}
+        return {"model": str(model_dir), "run_id": trained["run_id"], "metrics": metrics, "samples": sample_rows,
+                "baseline_metrics": baseline_metrics, "beats_baseline": metrics["beats_baseline"]}
 
     with hold_lock(home, f"models/{trained['run_id']}"):  # metrics.json and samples.md are rewritten
         return run_cached("evaluate", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.evaluate_manifest,

@@ -36,6 +36,26 @@ def summarize(results: dict[str, dict], seconds: float) -> dict:
         summary["training"] = results["train"].get("training")
     if "evaluate" in results:
         summary["metrics"] = results["evaluate"]["metrics"]
+        summary["baseline"] = results["evaluate"].get("baseline_metrics")  # the dictionary baseline, same test pairs
+        summary["beats_baseline"] = results["evaluate"].get("beats_baseline")
     if "promote" in results:
         summary["promotion"] = results["promote"]["promotion"]
     return summary
+
+
+def metrics_line(summary: dict) -> str | None:
+    """The human summary's test-metrics line: the model beside the dictionary baseline, flagged
+    when the model does not beat it on ideograph accuracy (None before evaluate)."""
+    metrics = summary.get("metrics")
+    if not metrics:
+        return None
+
+    def scores(m: dict) -> str:
+        return f"ideograph acc {m['ideograph_accuracy']:.3f}  char acc {m['char_accuracy']:.3f}  BLEU {m['bleu']:.2f}"
+
+    line = f"test    {scores(metrics)}"
+    if summary.get("baseline"):
+        line += f"  (dictionary baseline: {scores(summary['baseline'])})"
+    if summary.get("beats_baseline") is False:
+        line += "  -- does not beat the dictionary baseline"
+    return line

@@ -84,6 +84,11 @@ def _report(state, as_json: bool) -> None:
             typer.echo(f"report  {summary['report']}")
         if summary.get("model"):
             typer.echo(f"model   {summary['model']}")
+        from couplet.pipeline import metrics_line
+
+        line = metrics_line(summary)  # flags a model that does not beat the dictionary baseline
+        if line:
+            typer.echo(line)
 
 
 @app.command()

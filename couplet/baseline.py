@@ -1,0 +1,102 @@
+"""The per-character dictionary baseline: what a lookup table answers, scored exactly like a model.
+
+For each upper character, the lower character most often aligned with it (same position) in a
+build's train split, never the character itself (punctuation excepted: a mark is aligned with a
+mark). Evaluation reports it beside every model (couplet.evaluate), so a model that has not learnt
+more than a lookup table shows it.
+
+`DictionaryBaseline` is a `Predictor` whose `log_probs` come from the counts instead of a network,
+so `evaluate_pairs` decodes it with the same constrained decoder and options as a model. The
+distribution of the lower character at a position with upper character u is
+
+    p(l | u) ∝ count(u, l) + q(l),   l != u, never PAD/UNK,
+
+where q is the train split's lower-character frequency (add-one smoothed, so every character has
+some probability and the decoder's constraints always find a legal line) and sums to 1: a pseudo
+count of one spread over the characters, less than any difference between two counts, so the
+arg-max is the most frequent aligned character (q breaks ties). An upper character never seen in
+train (or outside the vocabulary, UNK) has no counts and falls back to q. Impossible entries (the
+same character, PAD, UNK) get log-probability `FLOOR` rather than -inf: finite, like a network's,
+since the decoder adds rows together (the constraints still exclude them outright).
+
+    baseline = DictionaryBaseline.from_build(build_dir)       # ~1 s on 242k couplets
+    baseline.lookup("山")                                      # -> "水": the dictionary's entry
+    metrics, predictions = evaluate_pairs(baseline, uppers, references)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from couplet.config import Config
+from couplet.data import load_split
+from couplet.predictor import Predictor
+from couplet.punct import is_punct
+from couplet.vocab import PAD, UNK, Vocab
+
+BASELINE_ID = "dictionary-baseline"
+FLOOR = -100.0  # log-probability of what the dictionary never answers (any smoothed entry is above -30)
+
+
+class DictionaryBaseline(Predictor):
+    """Aligned (upper, lower) character counts of a train split, answering like a model."""
+
+    def __init__(self, pairs: np.ndarray, counts: np.ndarray, prior: np.ndarray, vocab: Vocab, config: Config | None = None):
+        """`pairs`: sorted codes upper_id * V + lower_id (same-character pairs already left out),
+        `counts`: how often each occurred; `prior`: q, the (V,) lower-character frequency."""
+        super().__init__(None, vocab, config, model_id=BASELINE_ID)
+        size = len(vocab)
+        self._lower = (pairs % size).astype(np.intp)
+        self._count = counts.astype(np.float32)
+        self._start = np.searchsorted(pairs // size, np.arange(size + 1))  # row u: [start[u], start[u + 1])
+        self._prior = prior.astype(np.float32)
+
+    @classmethod
+    def from_build(cls, build_dir: str | Path, config: Config | None = None) -> "DictionaryBaseline":
+        """Count the aligned character pairs of `build_dir`'s train shards (ids of its vocab.json)."""
+        build_dir = Path(build_dir)
+        vocab = Vocab.load(build_dir / "vocab.json")
+        size = len(vocab)
+        buckets = load_split(build_dir, "train").values()
+        up = np.concatenate([u.ravel() for u, _ in buckets]) if buckets else np.zeros(0, np.int64)
+        down = np.concatenate([d.ravel() for _, d in buckets]) if buckets else np.zeros(0, np.int64)
+        punct = np.array([is_punct(ch) for ch in vocab.itos], dtype=bool)
+        known = (up > UNK) & (down > UNK)
+        keep = known & ((up != down) | punct[up])
+        pairs, counts = np.unique(up[keep] * size + down[keep], return_counts=True)
+        prior = np.bincount(down[down > UNK], minlength=size).astype(np.float64) + 1.0
+        prior[[PAD, UNK]] = 0.0
+        return cls(pairs, counts, prior / prior.sum(), vocab, config)
+
+    def rows(self, upper_ids: np.ndarray) -> np.ndarray:
+        """(len(upper_ids), V) float32 log-probabilities of the lower character for each upper id."""
+        out = np.tile(self._prior, (len(upper_ids), 1))
+        for r, u in enumerate(upper_ids.tolist()):
+            lo, hi = self._start[u], self._start[u + 1]
+            out[r, self._lower[lo:hi]] += self._count[lo:hi]
+            if u > UNK and not is_punct(self.vocab.itos[u]):
+                out[r, u] = 0.0  # never the same character (already absent from the counts)
+        with np.errstate(divide="ignore"):
+            return np.maximum(np.log(out / out.sum(axis=1, keepdims=True)), np.float32(FLOOR))
+
+    def log_probs(self, lines: Sequence[str]) -> np.ndarray:
+        """(B, L, V) float32 log-probabilities for equally long, already prepared lines."""
+        if not lines:
+            return np.zeros((0, 0, len(self.vocab)), dtype=np.float32)
+        stoi = self.vocab.stoi
+        ids = np.array([[stoi.get(ch, UNK) for ch in line] for line in lines], dtype=np.int64)
+        unique, inverse = np.unique(ids, return_inverse=True)
+        return self.rows(unique)[inverse.reshape(ids.shape)]
+
+    def lookup(self, upper: str) -> str | None:
+        """The dictionary's entry for one character: its most frequent aligned lower character in
+        train (not itself), or None if it was never seen as an upper character."""
+        u = self.vocab.stoi.get(upper, UNK)
+        lo, hi = self._start[u], self._start[u + 1]
+        if u <= UNK or lo == hi:
+            return None
+        lower = self._lower[lo:hi]
+        return self.vocab.itos[int(lower[np.argmax(self._count[lo:hi] + self._prior[lower])])]  # q breaks ties
