@@ -2,34 +2,43 @@
 
 Reads top to bottom like nanoGPT's train.py, as functions: setup, data, model, optimiser, resume, an eval
 helper, the loop, then the outputs. A run is resumable: every `checkpoint_every` steps the full state
-(weights, optimiser, data position, RNG, best-so-far) goes to `model_dir/checkpoints/last.pt`, and a later
-call with the same config carries on from there and ends exactly where an uninterrupted run ends.
+(weights, optimiser, data position, RNG, best-so-far, and the `TrainState`: step, history, early-stopping
+count, timings; see couplet/checkpoint.py) goes to `model_dir/checkpoints/last.pt`, and a later call with
+the same config carries on from there and ends exactly where an uninterrupted run ends. Probe lines, the
+progress bar and the loss curve are in couplet/progress.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
+import dataclasses
+import functools
+import logging
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
-from couplet.atomic import atomic_write_json, atomic_write_text
-from couplet.catalog import MODEL_FILES, Catalog
+from couplet.atomic import atomic_write_json
+from couplet.catalog import MODEL_FILES, PROBE_LINES, Catalog
+from couplet.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    one_line,
+    restore,
+    run_fingerprint,
+    save_checkpoint,
+)
 from couplet.config import Config
 from couplet.data import LengthBucketBatches, count_rows, load_split, read_manifest
 from couplet.locks import hold_lock
 from couplet.model import CoupletLabeller, save_labeller
+from couplet.progress import append_samples, argmax_lines, progress_bar, write_curve
 from couplet.stage import run_cached, stage_key
-from couplet.vocab import PAD, UNK, Vocab
+from couplet.vocab import PAD, Vocab
 
-PROBES = ["晚风摇树树还挺", "今天天气不错", "鱼跃此时海", "只有香如故"]  # the seed's four test lines
-# train fields that change how long a run goes, not its trajectory: a checkpoint stays valid across them
-RUN_LENGTH_FIELDS = ("epochs", "max_steps", "checkpoint_every", "num_threads", "patience")
+log = logging.getLogger("couplet.train")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -86,78 +95,18 @@ def estimate_loss(model, buckets, device, autocast, rows: int = 256) -> float | 
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def argmax_lines(model: CoupletLabeller, vocab: Vocab, lines: list[str], device) -> list[str]:
-    """The seed's decoder: per-position argmax, never PAD, UNK, or the upper line's character at that position."""
-    out = []
-    for line in lines:
-        ids = torch.tensor([vocab.encode(line)], device=device)  # (1, L)
-        logp = model.log_probs(ids)[0]  # (L, V)
-        logp[:, [PAD, UNK]] = -math.inf
-        logp[torch.arange(len(line), device=device), ids[0]] = -math.inf  # no same-position copy
-        out.append(vocab.decode(logp.argmax(-1).tolist()))
-    return out
+def _build(config: Config, vocab_size: int, device: torch.device):
+    """A freshly initialised model (seeded) and its optimiser."""
+    torch.manual_seed(config.train.seed)
+    model = CoupletLabeller(vocab_size, config.model).to(device)
+    return model, make_optimizer(model, config.train.lr)
 
 
-def append_samples(path: Path, title: str, lines: list[str], outputs: list[str], progress: bool) -> None:
-    block = [f"## {title}", "", "| 上联 | 下联 |", "| --- | --- |", *[f"| {a} | {b} |" for a, b in zip(lines, outputs)], ""]
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Probe lines (argmax decoding)\n\n"
-    atomic_write_text(path, old + "\n".join(block) + "\n")
-    say = _tqdm_write if progress else print
-    say(f"[{title}] " + "  ".join(f"{a}→{b}" for a, b in zip(lines, outputs)))
-
-
-def _tqdm_write(text: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(text)
-
-
-def write_curve(path: Path, history: list[list]) -> None:
-    """train / valid loss vs step as a PNG (Agg canvas: no global backend switch), written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    train = [(s, t) for s, t, _ in history if t is not None]
-    valid = [(s, v) for s, _, v in history if v is not None]
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if valid:
-        ax.plot(*zip(*valid), "o-", label="valid")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy per character")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-
-
-def run_fingerprint(config: Config, vocab_size: int, build_key: str | None) -> dict:
-    """What a checkpoint must match to be resumed: model + trajectory-relevant train config + data."""
-    train = {k: v for k, v in config.to_dict()["train"].items() if k not in RUN_LENGTH_FIELDS}
-    return {"model": config.to_dict()["model"], "train": train, "vocab_size": vocab_size, "build_key": build_key}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
-    """The checkpoint at `path` if it exists and was made by the same run configuration, else None."""
-    if not path.is_file():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("fingerprint") != fingerprint:
-        print(f"ignoring {path}: it was written with another config or dataset; training from scratch")
-        return None
-    return ckpt
+def _validate(model, valid, device, autocast, patience: int, state: TrainState, loss_sum, best_weights: dict | None) -> dict | None:
+    """Validation pass: a history point, the early-stopping count; returns the best weights so far (on CPU)."""
+    if state.add_valid(loss_sum, estimate_loss(model, valid, device, autocast), patience):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return best_weights
 
 
 def train_labeller(build_dir: Path, config: Config, model_dir: Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -194,134 +143,90 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
     log_every = max(1, min(100, steps_per_epoch // 10))  # train-loss points in the history
 
-    # model and optimiser
-    torch.manual_seed(tc.seed)
-    model = CoupletLabeller(len(vocab), config.model).to(device)
-    optimizer = make_optimizer(model, tc.lr)
-    step_model = torch.compile(model) if tc.compile else model
-
-    # resume, or start fresh
-    ckpt_path = model_dir / "checkpoints" / "last.pt"
-    samples_path = model_dir / "samples.md"
+    # model and optimiser, then resume or start fresh
+    ckpt_path, samples_path = model_dir / MODEL_FILES.checkpoint, model_dir / MODEL_FILES.samples
     fingerprint = run_fingerprint(config, len(vocab), manifest.get("key"))
+    model, optimizer = _build(config, len(vocab), device)
+    state, best_weights, resumed_from = TrainState(), None, None
     ckpt = load_checkpoint(ckpt_path, fingerprint)
-    best_weights = None
-    if ckpt is None:
+    if ckpt is not None:
+        try:
+            state, best_weights = restore(ckpt, model, optimizer, batches, device)
+            resumed_from = state.step
+            log.info("resuming from %s at step %d", ckpt_path, state.step)
+        except Exception as exc:  # noqa: BLE001 — a checkpoint of another layout: start over (it may have been half loaded)
+            log.warning("ignoring %s: cannot resume from it (%s); training from scratch", ckpt_path, one_line(exc))
+            model, optimizer = _build(config, len(vocab), device)
+            batches = LengthBucketBatches(train, tc.batch_size, seed=tc.seed)
+            state = TrainState()
+    if resumed_from is None:
         samples_path.unlink(missing_ok=True)
-        prog = {"step": 0, "best_valid_loss": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
-                "history": [], "run_loss": 0.0, "run_steps": 0, "seconds": 0.0, "tokens": 0, "train_seconds": 0.0}
-    else:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        batches.load_state_dict(ckpt["data"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        best_weights, prog = ckpt["best_weights"], ckpt["progress"]
-        print(f"resuming from {ckpt_path} at step {prog['step']}")
-    resumed_from = prog["step"] if ckpt is not None else None
-
-    def evaluate() -> None:
-        """Validation pass: history point, best weights, early-stopping count."""
-        nonlocal best_weights
-        valid_loss = estimate_loss(model, valid, device, autocast)
-        log_train(valid_loss)
-        if valid_loss is None:
-            return
-        if prog["best_valid_loss"] is None or valid_loss < prog["best_valid_loss"]:
-            prog["best_valid_loss"], prog["best_step"], prog["bad_evals"] = valid_loss, prog["step"], 0
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            prog["bad_evals"] += 1
-            prog["stopped_early"] = prog["bad_evals"] >= tc.patience
-
-    def log_train(valid_loss: float | None = None) -> None:
-        """Append (step, mean train loss since the last point, valid loss) to the history."""
-        flush_loss()
-        train_loss = prog["run_loss"] / prog["run_steps"] if prog["run_steps"] else None
-        last = prog["history"][-1] if prog["history"] else None
-        if last is not None and last[0] == prog["step"]:  # same step: fill in the valid loss
-            last[2] = valid_loss if valid_loss is not None else last[2]
-        elif train_loss is not None or valid_loss is not None:
-            prog["history"].append([prog["step"], train_loss, valid_loss])
-        prog["run_loss"], prog["run_steps"] = 0.0, 0
-
-    here = {"tokens": 0, "seconds": 0.0, "loss_sum": torch.zeros((), device=device)}  # this call's steps
-
-    def flush_loss() -> None:
-        """Move the on-device running loss into prog (one device sync, only when logging)."""
-        prog["run_loss"] += float(here["loss_sum"])
-        here["loss_sum"].zero_()
-
-    def checkpoint() -> None:
-        flush_loss()
-        save_checkpoint(ckpt_path, {
-            "fingerprint": fingerprint, "config": config.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "data": batches.state_dict(), "best_weights": best_weights,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "progress": {**prog, "seconds": prog["seconds"] + time.perf_counter() - started,
-                         "tokens": prog["tokens"] + here["tokens"], "train_seconds": prog["train_seconds"] + here["seconds"]},
-        })
+    step_model = torch.compile(model) if tc.compile else model
+    loss_sum = torch.zeros((), device=device)  # train loss since the last flush, summed on the device
+    tokens, step_seconds = 0, 0.0  # this call's tokens trained and time in steps (not evals or checkpoints)
+    validate = functools.partial(_validate, model, valid, device, autocast, tc.patience, state, loss_sum)
 
     # the loop
-    bar = _progress_bar(total_steps, prog["step"], progress)
+    bar = progress_bar(total_steps, state.step, progress)
     model.train()
-    while prog["step"] < total_steps and not prog["stopped_early"]:
-        tick = time.perf_counter()  # times batch assembly + step, not evals or checkpoints
+    while state.step < total_steps and not state.stopped_early:
+        tick = time.perf_counter()
         for up, down in batches:
             up, down = up.to(device, non_blocking=True), down.to(device, non_blocking=True)
             loss = train_step(step_model, optimizer, up, down, autocast)
-            here["loss_sum"] += loss
-            prog["step"] += 1
-            prog["run_steps"] += 1
-            here["tokens"] += up.numel()  # non-PAD tokens: batches are equal-length, never padded
-            here["seconds"] += time.perf_counter() - tick
+            loss_sum += loss
+            state.step += 1
+            state.run_steps += 1
+            tokens += up.numel()  # non-PAD tokens: batches are equal-length, never padded
+            step_seconds += time.perf_counter() - tick
             if bar is not None:
                 bar.update(1)
-                if prog["step"] % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{here['tokens'] / max(here['seconds'], 1e-9):,.0f}")
-            if prog["step"] % log_every == 0:
-                log_train()
-            if tc.eval_every and prog["step"] % tc.eval_every == 0:
-                evaluate()
-            if tc.checkpoint_every and prog["step"] % tc.checkpoint_every == 0:
-                checkpoint()
-            if stop_after is not None and prog["step"] >= stop_after:
-                raise TrainingInterrupted(f"stopped after step {prog['step']} (stop_after)")
-            if prog["step"] >= total_steps or prog["stopped_early"]:
+                if state.step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / max(step_seconds, 1e-9):,.0f}")
+            if state.step % log_every == 0:
+                state.add_point(loss_sum)
+            if tc.eval_every and state.step % tc.eval_every == 0:
+                best_weights = validate(best_weights)
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                state.flush(loss_sum)
+                so_far = dataclasses.replace(state, seconds=state.seconds + time.perf_counter() - started,
+                                             tokens=state.tokens + tokens, train_seconds=state.train_seconds + step_seconds)
+                save_checkpoint(ckpt_path, fingerprint=fingerprint, config=config, model=model, optimizer=optimizer,
+                                batches=batches, best_weights=best_weights, progress=so_far, device=device)
+            if stop_after is not None and state.step >= stop_after:
+                raise TrainingInterrupted(f"stopped after step {state.step} (stop_after)")
+            if state.step >= total_steps or state.stopped_early:
                 break
             tick = time.perf_counter()
         if batches.position == 0:  # the epoch ran to its end
-            epoch = batches.epoch
             if not tc.eval_every:
-                evaluate()
-            append_samples(samples_path, f"epoch {epoch} · step {prog['step']}", PROBES, argmax_lines(model, vocab, PROBES, device), progress)
+                best_weights = validate(best_weights)
+            title = f"epoch {batches.epoch} · step {state.step}"
+            append_samples(samples_path, title, PROBE_LINES, argmax_lines(model, vocab, PROBE_LINES, device), progress)
     if bar is not None:
         bar.close()
 
     # outputs: best weights, config, vocab, metrics, curve, final samples
-    if not prog["history"] or prog["history"][-1][2] is None or prog["history"][-1][0] != prog["step"]:
-        evaluate()  # the last steps were never validated
-    final_train_loss = next((t for _, t, _ in reversed(prog["history"]) if t is not None), None)
+    if not state.history or state.history[-1][2] is None or state.history[-1][0] != state.step:
+        best_weights = validate(best_weights)  # the last steps were never validated
+    final_train_loss = next((t for _, t, _ in reversed(state.history) if t is not None), None)
     if best_weights is not None:
         model.load_state_dict(best_weights)
     save_labeller(model, vocab, config, model_dir)
-    append_samples(samples_path, f"final · best weights (step {prog['best_step'] or prog['step']})", PROBES,
-                   argmax_lines(model, vocab, PROBES, device), progress)
-    prog["tokens"] += here["tokens"]
-    prog["train_seconds"] += here["seconds"]
-    seconds = prog["seconds"] + time.perf_counter() - started
+    append_samples(samples_path, f"final · best weights (step {state.best_step or state.step})", PROBE_LINES,
+                   argmax_lines(model, vocab, PROBE_LINES, device), progress)
+    all_tokens, all_step_seconds = state.tokens + tokens, state.train_seconds + step_seconds
     metrics = {
-        "steps": prog["step"],
-        "epochs": round(prog["step"] / steps_per_epoch, 3),
+        "steps": state.step,
+        "epochs": round(state.step / steps_per_epoch, 3),
         "steps_per_epoch": steps_per_epoch,
-        "best_valid_loss": prog["best_valid_loss"],
-        "best_step": prog["best_step"],
+        "best_valid_loss": state.best_valid_loss,
+        "best_step": state.best_step,
         "final_train_loss": final_train_loss,
-        "stopped_early": prog["stopped_early"],
-        "tokens_per_s": round(here["tokens"] / here["seconds"], 1) if here["seconds"] else None,  # this call's steps
-        "tokens_per_s_overall": round(prog["tokens"] / prog["train_seconds"], 1) if prog["train_seconds"] else None,
-        "seconds": round(seconds, 2),
+        "stopped_early": state.stopped_early,
+        "tokens_per_s": round(tokens / step_seconds, 1) if step_seconds else None,  # this call's steps
+        "tokens_per_s_overall": round(all_tokens / all_step_seconds, 1) if all_step_seconds else None,
+        "seconds": round(state.seconds + time.perf_counter() - started, 2),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "resumed_from": resumed_from,
@@ -330,19 +235,11 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
         "vocab_size": len(vocab),
         "parameters": sum(p.numel() for p in model.parameters()),
         "build_key": manifest.get("key"),
-        "history": prog["history"],
+        "history": state.history,
     }
-    atomic_write_json(model_dir / "metrics.json", metrics)
-    write_curve(model_dir / "curve.png", prog["history"])
+    atomic_write_json(model_dir / MODEL_FILES.metrics, metrics)
+    write_curve(model_dir / MODEL_FILES.curve, state.history)
     return {"model_dir": str(model_dir), **{k: metrics[k] for k in ("steps", "epochs", "best_valid_loss", "tokens_per_s", "seconds", "device", "resumed_from")}}
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- stage 4

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from couplet.catalog import PROBE_LINES as PROBES
 from couplet.config import Config
 from couplet.data import LengthBucketBatches, load_split
 from couplet.model import load_labeller
-from couplet.train import PROBES, TrainingInterrupted, argmax_lines, train_labeller
+from couplet.train import TrainingInterrupted, argmax_lines, train_labeller
 from shardkit import make_build_dir
 
 PAIRS = [
@@ -136,6 +138,30 @@ def test_checkpoint_with_another_config_is_ignored(build, tmp_path):
     other = dataclasses.replace(small_config(max_steps=10), train=dataclasses.replace(small_config().train, max_steps=10, lr=1e-3))
     summary = train_labeller(build, other, tmp_path / "m", progress=False)
     assert summary["resumed_from"] is None and summary["steps"] == 10
+
+
+def test_unusable_checkpoint_is_ignored_with_a_notice(build, tmp_path, caplog):
+    config = small_config(max_steps=6)
+    ckpt = tmp_path / "m" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="couplet.train"):
+        summary = train_labeller(build, config, tmp_path / "m", progress=False)
+    assert summary["resumed_from"] is None and summary["steps"] == 6
+    assert f"ignoring {ckpt}: cannot read it" in caplog.text and len(caplog.records) == 1
+    # same config, another layout (the optimiser state does not load, after the weights did): a fresh run again
+    last = torch.load(ckpt, weights_only=True)
+    last["optimizer"] = {"state": {}, "param_groups": []}
+    other = tmp_path / "n" / "checkpoints" / "last.pt"
+    other.parent.mkdir(parents=True)
+    torch.save(last, other)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="couplet.train"):
+        summary = train_labeller(build, config, tmp_path / "n", progress=False)
+    assert summary["resumed_from"] is None and summary["steps"] == 6
+    assert f"ignoring {other}: cannot resume from it" in caplog.text and len(caplog.records) == 1
+    a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "n" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_early_stopping_keeps_the_best_weights(tmp_path):

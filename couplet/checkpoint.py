@@ -1,0 +1,120 @@
+"""The resumable state of a training run: `TrainState` and `models/<run-id>/checkpoints/last.pt`.
+
+A checkpoint is a dict: fingerprint, config, model, optimizer, data (the batch position), best_weights,
+rng, and progress (a `TrainState` as a dict). A run resumes it only when its fingerprint matches (model
+config, the train fields that shape the trajectory, vocabulary size, build); one that was written for
+another configuration, cannot be read, or does not load is ignored with a one-line notice (logger
+"couplet.train") and training starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from couplet.atomic import atomic_path
+from couplet.config import Config
+
+log = logging.getLogger("couplet.train")
+# train fields that change how long a run goes, not its trajectory: a checkpoint stays valid across them
+RUN_LENGTH_FIELDS = ("epochs", "max_steps", "checkpoint_every", "num_threads", "patience")
+
+
+@dataclass
+class TrainState:
+    """A run's progress besides weights, optimiser, batch position and RNG: the checkpoint's `progress`."""
+
+    step: int = 0
+    best_valid_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # validations in a row without a new best
+    stopped_early: bool = False
+    history: list[list] = field(default_factory=list)  # [step, mean train loss since the last point, valid loss]
+    run_loss: float = 0.0  # train loss summed over the steps since the last history point
+    run_steps: int = 0
+    seconds: float = 0.0  # wall time, tokens and time in train steps of the calls before this one (resumes)
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+    def flush(self, loss_sum: torch.Tensor) -> None:
+        """Move the on-device running loss sum into run_loss (one device sync, only when logging)."""
+        self.run_loss += float(loss_sum)
+        loss_sum.zero_()
+
+    def add_point(self, loss_sum: torch.Tensor, valid_loss: float | None = None) -> None:
+        """Append (step, mean train loss since the last point, valid loss) to the history."""
+        self.flush(loss_sum)
+        train_loss = self.run_loss / self.run_steps if self.run_steps else None
+        last = self.history[-1] if self.history else None
+        if last is not None and last[0] == self.step:  # same step: fill in the valid loss
+            last[2] = valid_loss if valid_loss is not None else last[2]
+        elif train_loss is not None or valid_loss is not None:
+            self.history.append([self.step, train_loss, valid_loss])
+        self.run_loss, self.run_steps = 0.0, 0
+
+    def add_valid(self, loss_sum: torch.Tensor, valid_loss: float | None, patience: int) -> bool:
+        """A history point with a validation loss; True when it is the best so far. Counts towards early stopping."""
+        self.add_point(loss_sum, valid_loss)
+        if valid_loss is None:
+            return False
+        if self.best_valid_loss is None or valid_loss < self.best_valid_loss:
+            self.best_valid_loss, self.best_step, self.bad_evals = valid_loss, self.step, 0
+            return True
+        self.bad_evals += 1
+        self.stopped_early = self.bad_evals >= patience
+        return False
+
+
+def run_fingerprint(config: Config, vocab_size: int, build_key: str | None) -> dict:
+    """What a checkpoint must match to be resumed: model + trajectory-relevant train config + data."""
+    train = {k: v for k, v in config.to_dict()["train"].items() if k not in RUN_LENGTH_FIELDS}
+    return {"model": config.to_dict()["model"], "train": train, "vocab_size": vocab_size, "build_key": build_key}
+
+
+def save_checkpoint(path: Path, *, fingerprint: dict, config: Config, model, optimizer, batches, best_weights: dict | None,
+                    progress: TrainState, device: torch.device) -> None:
+    """Write the full state of a run to `path`, atomically."""
+    state = {
+        "fingerprint": fingerprint, "config": config.to_dict(), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "data": batches.state_dict(), "best_weights": best_weights,
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+        "progress": dataclasses.asdict(progress),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
+    """The checkpoint at `path` if it exists, reads, and was made by the same run configuration, else None."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — truncated, or not a checkpoint at all: a fresh start beats a traceback
+        log.warning("ignoring %s: cannot read it (%s); training from scratch", path, one_line(exc))
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint:
+        log.warning("ignoring %s: it was written with another config or dataset; training from scratch", path)
+        return None
+    return ckpt
+
+
+def restore(ckpt: dict, model, optimizer, batches, device: torch.device) -> tuple[TrainState, dict | None]:
+    """Load a checkpoint into a run's model, optimiser and batches (and the RNG); returns its progress and
+    best weights. Raises on a checkpoint of another layout, possibly after loading part of it."""
+    progress = TrainState(**ckpt["progress"])
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    batches.load_state_dict(ckpt["data"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return progress, ckpt["best_weights"]
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
