@@ -11,7 +11,6 @@ and validated; anything unusable raises `InputError` with a one-line message.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -20,12 +19,13 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from couplet.catalog import MODEL_FILES, Catalog, is_model_dir
 from couplet.config import Config, DataConfig, couplet_home
 from couplet.decode import DecodeOptions, decode
 from couplet.punct import is_punct
+from couplet.registry import RegistryError, champion_dir
 from couplet.vocab import UNK, Vocab
 
-MODEL_FILES = ("model.safetensors", "vocab.json", "config.json")
 _LATIN = re.compile(r"[A-Za-z0-9\uFF10-\uFF19\uFF21-\uFF3A\uFF41-\uFF5A]")
 _FULL_WIDTH = {",": "，", ";": "；", ":": "：", "?": "？", "!": "！", ".": "。"}
 
@@ -70,10 +70,6 @@ class MatchResult:
 # --------------------------------------------------------------------------- finding a model
 
 
-def is_model_dir(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in MODEL_FILES)
-
-
 def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
     """The model directory to use.
 
@@ -85,28 +81,25 @@ def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
         path = Path(model).expanduser()
         if not path.exists():
             raise ModelNotFoundError(f"model directory not found: {path}")
-        missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+        missing = [name for name in MODEL_FILES.required if not (path / name).is_file()]
         if not path.is_dir() or missing:
             raise ModelNotFoundError(f"{path} is not a model directory (missing: {', '.join(missing) or 'directory'})")
         return path.resolve()
-    models = couplet_home() / "models"
-    registry = models / "registry.json"
-    if registry.is_file():
-        try:
-            champion = json.loads(registry.read_text(encoding="utf-8")).get("champion")
-        except (json.JSONDecodeError, AttributeError, OSError) as exc:
-            raise ModelNotFoundError(f"cannot read {registry}: {' '.join(str(exc).split())}") from None
-        if champion:
-            path = models / str(champion)
-            if not is_model_dir(path):
-                raise ModelNotFoundError(f"{registry} names champion {champion!r} but {path} is not a model directory")
-            return path.resolve()
+    catalog = Catalog(couplet_home())
+    try:
+        champion = champion_dir(catalog.home, strict=True)
+    except RegistryError as exc:
+        raise ModelNotFoundError(str(exc)) from None
+    if champion is not None:
+        return champion.resolve()
+    models = catalog.models_dir
     found = []
     if models.is_dir():
         for child in models.iterdir():
-            if child.name.startswith(".") or not (child / "model.safetensors").is_file():
+            weights = child / MODEL_FILES.weights
+            if child.name.startswith(".") or not weights.is_file():
                 continue
-            found.append(((child / "model.safetensors").stat().st_mtime, child.name, child))
+            found.append((weights.stat().st_mtime, child.name, child))
     if not found:
         raise ModelNotFoundError(f"no trained model found under {models}; run `couplet run --until train` first")
     return max(found)[2].resolve()
@@ -134,7 +127,7 @@ class Predictor:
 
         path = Path(model_dir)
         if not is_model_dir(path):
-            raise ModelNotFoundError(f"{path} is not a model directory (needs {', '.join(MODEL_FILES)})")
+            raise ModelNotFoundError(f"{path} is not a model directory (needs {', '.join(MODEL_FILES.required)})")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         model, vocab, config = load_labeller(path, device=device)

@@ -37,8 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from couplet.atomic import atomic_write_json
+from couplet.catalog import MODEL_FILES, Catalog, is_model_dir
 from couplet.locks import hold_lock
-from couplet.predictor import is_model_dir
 
 PROMOTION_METRICS = ("bleu", "exact_match", "char_accuracy")  # all higher-is-better
 TIE_BREAKS = ("exact_match", "char_accuracy")
@@ -115,7 +115,7 @@ def fingerprint_pairs(uppers: list[str], references: list[str], max_eval: int | 
 
 
 def registry_path(home: str | Path) -> Path:
-    return Path(home) / "models" / "registry.json"
+    return Catalog(Path(home)).registry_path
 
 
 def read_registry(home: str | Path) -> dict:
@@ -135,13 +135,21 @@ def read_registry(home: str | Path) -> dict:
     return data
 
 
-def champion_dir(home: str | Path) -> Path | None:
-    """The champion's model folder, or None when there is none (or its folder is gone)."""
+def champion_dir(home: str | Path, *, strict: bool = False) -> Path | None:
+    """The champion's model folder, or None when there is none (or its folder is gone).
+
+    `strict`: a champion whose folder is not a model directory raises RegistryError instead (readers that
+    serve the champion must not fall back silently). An unreadable registry.json always raises RegistryError.
+    """
     champion = read_registry(home).get("champion")
     if not champion:
         return None
-    path = Path(home) / "models" / str(champion)
-    return path if is_model_dir(path) else None
+    path = Catalog(Path(home)).model_dir(str(champion))
+    if is_model_dir(path):
+        return path
+    if strict:
+        raise RegistryError(f"{registry_path(home)} names champion {champion!r} but {path} is not a model directory")
+    return None
 
 
 def _flat(metrics: dict) -> dict:
@@ -151,11 +159,11 @@ def _flat(metrics: dict) -> dict:
 
 def _run_id(model_dir: str | Path, home: Path) -> tuple[str, Path]:
     path = Path(model_dir).resolve()
-    models = (home / "models").resolve()
+    models = Catalog(home).models_dir.resolve()
     if path.parent != models:
         raise RegistryError(f"{path} is not a folder of {models}; only models/<run-id>/ can be champion")
     if not is_model_dir(path):
-        raise RegistryError(f"{path} is not a model directory (needs model.safetensors, vocab.json, config.json)")
+        raise RegistryError(f"{path} is not a model directory (needs {', '.join(MODEL_FILES.required)})")
     return path.name, path
 
 
@@ -200,7 +208,7 @@ def force_promote(run_id: str, home: str | Path, reason: str = "promoted by hand
     """Make `run_id` champion regardless of the rule (an operator's decision, e.g. after a new test
     split). Its metrics are the last ones the pipeline recorded for it."""
     home = Path(home)
-    run_id, path = _run_id(home / "models" / Path(run_id).name, home)
+    run_id, path = _run_id(Catalog(home).model_dir(Path(run_id).name), home)
     with hold_lock(home, REGISTRY_LOCK, timeout_s=lock_timeout_s):
         registry = read_registry(home)
         seen = [r for r in registry["history"] if r.get("run_id") == run_id]

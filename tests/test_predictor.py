@@ -162,6 +162,15 @@ def test_resolve_newest_then_champion(tmp_path, monkeypatch):
     assert resolve_model_dir(None) == new.resolve()
 
 
+def test_resolve_with_an_unreadable_registry_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("COUPLET_HOME", str(tmp_path))
+    _save_tiny_model(tmp_path / "models" / "run-a")
+    (tmp_path / "models" / "registry.json").write_text("{not json")
+    with pytest.raises(ModelNotFoundError, match="cannot read") as info:
+        resolve_model_dir(None)
+    assert "registry.json" in str(info.value) and "\n" not in str(info.value)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
