@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,22 @@ def test_cpu_bf16_autocast_trains_with_fp32_weights():
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_failed_save_keeps_the_old_weights_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    config = dataclasses.replace(Config(), model=SMALL)
+    save_labeller(tiny_model(len(vocab)), vocab, config, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def half_write(state, filename):
+        Path(filename).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_labeller(tiny_model(len(vocab), seed=1), vocab, config, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
