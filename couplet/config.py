@@ -79,6 +79,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class PromoteConfig:
     metric: str = "bleu"  # champion/challenger metric; exact_match breaks ties
+    require_baseline: bool = True  # never promote a model that does not beat the dictionary baseline on ideograph accuracy
 
 
 @dataclass(frozen=True)

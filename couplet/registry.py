@@ -8,12 +8,16 @@
      "history": [<one record per decision, oldest first>]}
 
 A record: `time`, `run_id`, `model_dir`, `metric`, `promoted`, `reason`, `forced`,
-`challenger_metrics`, `champion_before` (the champion it was compared with, or null) and
-`champion_metrics` (that champion's).
+`challenger_metrics`, `champion_before` (the champion it was compared with, or null),
+`champion_metrics` (that champion's), `baseline_metrics` (the dictionary baseline's on the same
+test pairs, or null) and `baseline_gate` (whether the baseline rule below applied).
 Metric sets are stored without nested values (the structure metrics' `references`, curves).
 
-The rule (`decide_promotion`): a new model becomes champion only if it beats the champion on the
-same test split by the configured metric (`promote.metric`, default `bleu`, char-level BLEU);
+The rule (`decide_promotion`): a model whose test metrics say it does not beat the per-character
+dictionary baseline on ideograph accuracy (`beats_baseline: false`, written by the evaluate stage)
+never becomes champion automatically (`promote.require_baseline=false` turns this off; `couplet
+champion set <run-id> --force` overrides it). Otherwise a new model becomes champion only if it
+beats the champion on the same test split by the configured metric (`promote.metric`, default `bleu`, char-level BLEU);
 `exact_match`, then `char_accuracy`, break ties; a full tie keeps the champion. No champion: the
 challenger is promoted. Metrics carry `test_fingerprint` (see `test_fingerprint`); when the two
 fingerprints differ, the scores are not comparable and, since re-evaluating the champion is out of
@@ -40,7 +44,7 @@ from couplet.atomic import atomic_write_json
 from couplet.catalog import MODEL_FILES, Catalog, is_model_dir
 from couplet.locks import hold_lock
 
-PROMOTION_METRICS = ("bleu", "exact_match", "char_accuracy")  # all higher-is-better
+PROMOTION_METRICS = ("bleu", "exact_match", "char_accuracy", "ideograph_accuracy")  # all higher-is-better
 TIE_BREAKS = ("exact_match", "char_accuracy")
 FINGERPRINT_KEY = "test_fingerprint"
 REGISTRY_LOCK = "models/registry"
@@ -70,12 +74,22 @@ def check_metric(metric: str) -> None:
         raise ValueError(f"promote.metric must be one of {', '.join(PROMOTION_METRICS)}, not {metric!r}")
 
 
-def decide_promotion(challenger_metrics: dict, champion_metrics: dict | None, metric: str = "bleu") -> Decision:
+def decide_promotion(
+    challenger_metrics: dict, champion_metrics: dict | None, metric: str = "bleu", *, require_baseline: bool = True
+) -> Decision:
     """Should the challenger replace the champion? (the rule is in the module docstring)"""
     check_metric(metric)
     mine = _number(challenger_metrics, metric)
     if mine is None:
         raise ValueError(f"challenger metrics have no numeric {metric!r} (got {challenger_metrics.get(metric)!r})")
+    if require_baseline and challenger_metrics.get("beats_baseline") is False:
+        ours, base = (_number(challenger_metrics, k) for k in ("ideograph_accuracy", "baseline_ideograph_accuracy"))
+        figures = f" ({ours:.4g} <= {base:.4g})" if ours is not None and base is not None else ""
+        return Decision(
+            False,
+            f"does not beat the dictionary baseline on ideograph_accuracy{figures}; not promoted automatically "
+            "(promote by hand with `couplet champion set <run-id> --force`)",
+        )
     if champion_metrics is None:
         return Decision(True, f"no champion yet; {metric} {mine:.4g}")
     ours, theirs = challenger_metrics.get(FINGERPRINT_KEY), champion_metrics.get(FINGERPRINT_KEY)
@@ -172,12 +186,14 @@ def _now() -> str:
 
 
 def promote(
-    model_dir: str | Path, metrics: dict, home: str | Path, metric: str = "bleu", *, lock_timeout_s: float = 60.0
+    model_dir: str | Path, metrics: dict, home: str | Path, metric: str = "bleu", *,
+    baseline_metrics: dict | None = None, require_baseline: bool = True, lock_timeout_s: float = 60.0,
 ) -> dict:
     """Decide whether `model_dir` (a `models/<run-id>/` folder, evaluated with test `metrics`)
-    becomes champion and record the decision in registry.json. Returns the decision record plus
-    `champion` (the champion after the call) and `status` ("completed", or "cached" when this
-    pair was decided before)."""
+    becomes champion and record the decision in registry.json. `baseline_metrics` (the dictionary
+    baseline's test metrics) are recorded for the reader; the rule reads `metrics["beats_baseline"]`.
+    Returns the decision record plus `champion` (the champion after the call) and `status`
+    ("completed", or "cached" when this pair was decided before)."""
     home = Path(home)
     run_id, path = _run_id(model_dir, home)
     challenger = _flat(metrics)
@@ -188,17 +204,20 @@ def promote(
         for old in reversed(registry["history"]):
             if old.get("run_id") != run_id or old.get("metric") != metric or old.get("challenger_metrics") != challenger:
                 continue
+            if old.get("baseline_gate", True) != require_baseline:
+                continue
             same_opponent = old.get("champion_before") == champion and old.get("champion_metrics") == champion_metrics
             if same_opponent or (old["promoted"] and champion == run_id and champion_metrics == challenger):
                 return {**old, "champion": champion, "status": "cached"}
         if champion == run_id:  # the champion scored again (e.g. on a new test split): keep its latest scores
             decision = Decision(True, "already the champion; its metrics are replaced by this evaluation")
         else:
-            decision = decide_promotion(challenger, champion_metrics, metric)
+            decision = decide_promotion(challenger, champion_metrics, metric, require_baseline=require_baseline)
         record = {
             "time": _now(), "run_id": run_id, "model_dir": str(path), "metric": metric,
             "promoted": decision.promote, "reason": decision.reason, "forced": False,
             "challenger_metrics": challenger, "champion_before": champion, "champion_metrics": champion_metrics,
+            "baseline_metrics": _flat(baseline_metrics) if baseline_metrics else None, "baseline_gate": require_baseline,
         }
         _append(home, registry, record)
     return {**record, "champion": registry["champion"], "status": "completed"}
@@ -246,12 +265,15 @@ def decision_markdown(record: dict) -> str:
     ]
     theirs = record.get("champion_metrics") or {}
     ours = record.get("challenger_metrics") or {}
+    base = record.get("baseline_metrics")  # the dictionary baseline on the same test pairs, when recorded
     keys = [k for k in (*PROMOTION_METRICS, FINGERPRINT_KEY, "n") if k in ours or k in theirs]
     keys += sorted(k for k in ours.keys() | theirs.keys() if k not in keys)
-    lines += [f"| metric | this model | champion before (`{record.get('champion_before') or '-'}`) |", "| --- | ---: | ---: |"]
+    head = f"| metric | this model | champion before (`{record.get('champion_before') or '-'}`) |"
+    lines += [head + (" dictionary baseline |" if base else ""), "| --- | ---: | ---: |" + (" ---: |" if base else "")]
     def cell(value) -> str:
         return "-" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
 
-    lines += [f"| {k} | {cell(ours.get(k))} | {cell(theirs.get(k))} |" for k in keys]
+    lines += [f"| {k} | {cell(ours.get(k))} | {cell(theirs.get(k))} |" + (f" {cell(base.get(k))} |" if base else "")
+              for k in keys]
     return "\n".join(lines) + "\n"
 

@@ -116,7 +116,10 @@ def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None, p
         results[name] = stage_task(*(results[n] for n in needs), config, home, forced, return_state=True).result()
     if until == "evaluate" and promote:
         evaluated = results["evaluate"]
-        results["promote"] = promote_model(evaluated["model"], evaluated["metrics"], config.promote.metric, home, return_state=True).result()
+        results["promote"] = promote_model(
+            evaluated["model"], evaluated["metrics"], config.promote.metric, home, baseline_metrics=evaluated.get("baseline_metrics"),
+            require_baseline=config.promote.require_baseline, return_state=True,
+        ).result()
     summary = summarize(results, seconds=time.perf_counter() - started)
     get_run_logger().info("pipeline summary: %s", {k: v["status"] for k, v in summary["stages"].items()})
     return summary

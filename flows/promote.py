@@ -2,7 +2,8 @@
 
 In the flow, after evaluate:
 
-    results["promote"] = promote_model(model, metrics, metric, home, return_state=True).result()
+    results["promote"] = promote_model(model, metrics, metric, home, baseline_metrics=..., require_baseline=...,
+                                       return_state=True).result()
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ from couplet.config import couplet_home
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_model(model: str, metrics: dict, metric: str = "bleu", home: Path | None = None) -> dict:
-    """Make `model` (a models/<run-id>/ folder) champion if it beats the current one on `metric`.
+def promote_model(
+    model: str, metrics: dict, metric: str = "bleu", home: Path | None = None,
+    baseline_metrics: dict | None = None, require_baseline: bool = True,
+) -> dict:
+    """Make `model` (a models/<run-id>/ folder) champion if it beats the current one on `metric`
+    (and the dictionary baseline on ideograph accuracy, unless `require_baseline` is off).
 
     Returns `{"status", "seconds", "promotion": <decision record>}` (`promotion` lands in the
     pipeline summary). A decision taken before for the same inputs ends in the `Cached` state and
     publishes nothing; otherwise the decision is published as the `couplet-promotion` artifact.
     """
     started = time.perf_counter()
-    record = registry.promote(model, metrics, home or couplet_home(), metric)
+    record = registry.promote(model, metrics, home or couplet_home(), metric,
+                              baseline_metrics=baseline_metrics, require_baseline=require_baseline)
     result = {"status": record["status"], "seconds": round(time.perf_counter() - started, 3), "promotion": record}
     verdict = "promoted" if record["promoted"] else "not promoted"
     print(f"promotion: {record['run_id']} {verdict} ({record['reason']}); champion {record['champion']}")

@@ -100,21 +100,30 @@ def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     metrics = json.loads((model / "metrics.json").read_text())["test"]
     assert metrics == first["metrics"]
     assert metrics["length_match"] == 1.0 and metrics["copy_rate"] == 0.0
-    for key in ("char_accuracy", "exact_match", "bleu", "punct_match", "repetition_match", "tone_rate", "boundary_f1"):
+    for key in ("ideograph_accuracy", "char_accuracy", "exact_match", "bleu", "punct_match", "repetition_match", "tone_rate", "boundary_f1"):
         assert key in metrics
-    assert "晚风摇树树还挺" in (model / "samples.md").read_text()
-    assert first["promotion"]["promoted"] and json.loads((home / "models" / "registry.json").read_text())["champion"] == model.name
+    samples = (model / "samples.md").read_text()
+    assert "晚风摇树树还挺" in samples and "dictionary baseline" in samples
+    # The generated lower lines are a character-for-character mapping of the upper ones: the dictionary
+    # baseline is perfect there, so this small model cannot beat it and is not promoted automatically.
+    baseline = json.loads((model / "metrics.json").read_text())["test_baseline"]
+    assert first["baseline"] == baseline and baseline["ideograph_accuracy"] == 1.0
+    assert first["beats_baseline"] is False and metrics["beats_baseline"] is False
+    assert not first["promotion"]["promoted"] and "dictionary baseline" in first["promotion"]["reason"]
+    assert json.loads((home / "models" / "registry.json").read_text())["champion"] is None
 
     again = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small, "--json"))
     assert all(v["status"] == "cached" for v in again["stages"].values()), again["stages"]
-    assert again["promotion"]["champion"] == model.name
+    assert again["promotion"]["status"] == "cached" and again["promotion"]["champion"] is None
+    human = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small)
+    assert "does not beat the dictionary baseline" in human.stdout
 
     env = {**os.environ, "COUPLET_HOME": str(home)}
     match = subprocess.run([sys.executable, "-m", "couplet", "match", "春风花月", "--top-k", "2", "--json"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert match.returncode == 0, match.stderr
     answer = json.loads(match.stdout)
-    assert answer["model"] == model.name and len(answer["candidates"]) == 2
+    assert answer["model"] == model.name and len(answer["candidates"]) == 2  # no champion: the newest model
     assert all(len(c["lower"]) == 4 for c in answer["candidates"])
     bad = subprocess.run([sys.executable, "-m", "couplet", "match", "hello"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -37,7 +37,9 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 MARKER = "COUPLET_TEST_DEPLOY"
-SMALL = ["model.embed_dim=32", "model.n_blocks=1", "evaluate.n_samples=2", "train.num_threads=1"]
+# The generated data is a character-for-character mapping, which the dictionary baseline answers
+# perfectly: lift the baseline rule so these tiny models can be promoted at all.
+SMALL = ["model.embed_dim=32", "model.n_blocks=1", "evaluate.n_samples=2", "train.num_threads=1", "promote.require_baseline=false"]
 CHAMPION_SETTINGS = ["train.max_steps=30", *SMALL]
 WORSE_SETTINGS = ["train.max_steps=2", *SMALL]  # same data, far fewer steps: a weaker model
 TASKS = ["ingest", "validate", "build", "train", "evaluate", "promote"]

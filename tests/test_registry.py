@@ -77,6 +77,38 @@ def test_different_test_split_is_not_comparable():
     assert decide_promotion(metrics(2.0, fp=None), metrics(1.0, fp=None)).promote
 
 
+def test_a_model_that_does_not_beat_the_baseline_is_not_promoted():
+    below = metrics(30.0, ideograph_accuracy=0.07, baseline_ideograph_accuracy=0.08, beats_baseline=False)
+    d = decide_promotion(below, None)
+    assert not d.promote and "does not beat the dictionary baseline" in d.reason and "0.07 <= 0.08" in d.reason
+    assert "--force" in d.reason
+    assert not decide_promotion(below, metrics(1.0)).promote  # however weak the champion
+    assert decide_promotion(below, None, require_baseline=False).promote  # promote.require_baseline=false
+    above = metrics(30.0, ideograph_accuracy=0.09, baseline_ideograph_accuracy=0.08, beats_baseline=True)
+    assert decide_promotion(above, None).promote
+    assert decide_promotion(metrics(30.0), None).promote  # metrics from before the baseline: the old rule
+
+
+def test_promote_records_the_baseline_and_force_still_works(tmp_path):
+    home = tmp_path
+    a = make_model(home, "run-a")
+    below = metrics(30.0, ideograph_accuracy=0.07, baseline_ideograph_accuracy=0.08, beats_baseline=False)
+    base = {"ideograph_accuracy": 0.08, "char_accuracy": 0.081, "bleu": 0.3, "references": {"length_match": 1.0}}
+    record = promote(a, below, home, baseline_metrics=base)
+    assert not record["promoted"] and record["champion"] is None
+    assert record["baseline_metrics"] == {"ideograph_accuracy": 0.08, "char_accuracy": 0.081, "bleu": 0.3}
+    md = registry.decision_markdown(record)
+    assert "dictionary baseline |" in md and "| ideograph_accuracy | 0.07 | - | 0.08 |" in md
+    assert "| char_accuracy | 0.5 | - | 0.081 |" in md
+    assert promote(a, below, home, baseline_metrics=base)["status"] == "cached"
+    lifted = promote(a, below, home, baseline_metrics=base, require_baseline=False)  # another rule: decided again
+    assert lifted["status"] == "completed" and lifted["promoted"]
+    b = make_model(home, "run-b")
+    assert not promote(b, below, home)["promoted"]
+    forced = registry.force_promote("run-b", home)
+    assert forced["promoted"] and registry.read_registry(home)["champion"] == "run-b"
+
+
 def _build_dir(root: Path, test_pairs: list[tuple[str, str]], train_rows: int) -> Path:
     """The parts of a build folder the fingerprint reads: manifest.json and the test shards."""
     import pyarrow as pa
