@@ -17,9 +17,9 @@ The rule (`decide_promotion`): a model whose test metrics say it does not beat t
 dictionary baseline on ideograph accuracy (`beats_baseline: false`, written by the evaluate stage)
 never becomes champion automatically (`promote.require_baseline=false` turns this off; `couplet
 champion set <run-id> --force` overrides it). Otherwise a new model becomes champion only if it
-beats the champion on the same test split by the configured metric (`promote.metric`, default `bleu`, char-level BLEU);
-`exact_match`, then `char_accuracy`, break ties; a full tie keeps the champion. No champion: the
-challenger is promoted. Metrics carry `test_fingerprint` (see `test_fingerprint`); when the two
+beats the champion on the same test split by the configured metric (`promote.metric`, default
+`bleu`, char-level BLEU); `exact_match`, then `char_accuracy`, break ties; a full tie keeps the
+champion. No champion: the challenger is promoted. Metrics carry `test_fingerprint` (see `test_fingerprint`); when the two
 fingerprints differ, the scores are not comparable and, since re-evaluating the champion is out of
 scope, the challenger is *not* promoted: the champion keeps serving and the reason says how to
 promote by hand (`couplet champion set <run-id> --force`). A model that is not
