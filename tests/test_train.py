@@ -180,3 +180,20 @@ def test_cpu_bf16_run_writes_a_model(build, tmp_path):
     summary = train_labeller(build, small_config(max_steps=6, cpu_bf16=True), tmp_path / "m", progress=False)
     weights = load_file(tmp_path / "m" / "model.safetensors")
     assert summary["steps"] == 6 and all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_cli_prints_library_notices_as_plain_lines(capfd):
+    import logging
+
+    from couplet.cli import _console_notices
+
+    logger = logging.getLogger("couplet")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers.clear()
+    try:
+        _console_notices()
+        _console_notices()  # a second call adds no second handler
+        logging.getLogger("couplet.train").info("resuming from %s at step %d", "last.pt", 40)
+        assert capfd.readouterr().err == "resuming from last.pt at step 40\n"
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved

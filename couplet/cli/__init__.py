@@ -5,6 +5,7 @@ registry.py (champion show|set)."""
 from __future__ import annotations
 
 import importlib
+import logging
 
 import typer
 
@@ -31,7 +32,19 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _console_notices() -> None:
+    """The library's notices (logger `couplet`: resuming, an ignored checkpoint) go to stderr as plain lines."""
+    logger = logging.getLogger("couplet")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # Prefect's own console handler would print them a second time
+
+
 def main() -> None:
+    _console_notices()
     for name in COMMAND_MODULES:
         importlib.import_module(name)
     app()

@@ -22,6 +22,7 @@ def _prefect_defaults(home: Path, verbose: bool) -> None:
     # Full logs go to the Prefect API (the run's log in the UI / `prefect flow-run logs`); the console
     # shows only what this command prints: progress bars, probe lines, the summary or a one-line error.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "couplet")  # the library's notices reach the run's log too
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
