@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -55,16 +55,6 @@ class MatchResult:
     @property
     def best(self) -> str:
         return self.candidates[0].lower if self.candidates else ""
-
-    def to_dict(self) -> dict:
-        # Plain values (scores as they are, -inf included), not a wire format: the API and `couplet match
-        # --json` answer with couplet.serving.schemas.match_payload (adds `relaxed`, non-finite scores null).
-        return {
-            "upper": self.upper,
-            "candidates": [asdict(c) for c in self.candidates],
-            "constraints": list(self.constraints),
-            "model": self.model_id,
-        }
 
 
 # --------------------------------------------------------------------------- finding a model

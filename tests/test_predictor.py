@@ -13,9 +13,21 @@ from typer.testing import CliRunner
 
 from couplet.config import Config, DataConfig, ModelConfig
 from couplet.decode import ARGMAX
-from couplet.evaluate import ABLATION_VARIANTS, ablation, ablation_markdown, evaluate_pairs, read_pair_files
+from couplet.evaluate import (
+    ABLATION_VARIANTS,
+    ablation,
+    ablation_markdown,
+    evaluate_pairs,
+    read_pair_files,
+)
 from couplet.metrics import repetition_match
-from couplet.predictor import InputError, ModelNotFoundError, Predictor, resolve_model_dir
+from couplet.predictor import (
+    InputError,
+    ModelNotFoundError,
+    Predictor,
+    resolve_model_dir,
+)
+from couplet.serving.schemas import match_payload
 from couplet.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
 
 CHARS = "春风得意马蹄疾秋月扬辉犬吠声海阔凭鱼跃天高任鸟飞山水明清云雨花红柳绿日新年好万事如步"
@@ -89,8 +101,8 @@ def test_match_result(predictor, model_dir):
     assert {"no_copy", "punctuation", "repetition"} <= set(result.constraints)
     for c in result.candidates:
         assert len(c.lower) == 7 and all(a != b for a, b in zip(c.lower, "春风得意马蹄疾"))
-    d = result.to_dict()
-    assert set(d) == {"upper", "candidates", "constraints", "model"}
+    d = match_payload(result)  # the one wire format (API and `couplet match --json`)
+    assert set(d) == {"upper", "candidates", "constraints", "relaxed", "model"}
     assert json.loads(json.dumps(d, ensure_ascii=False)) == d
     plain = predictor.match("春风得意马蹄疾", constrained=False)
     assert plain.constraints == []
