@@ -21,10 +21,8 @@ from couplet import registry
 from couplet.build import run_build
 from couplet.catalog import STAGES
 from couplet.config import Config, couplet_home, load_config
-from couplet.evaluate import run_evaluate
 from couplet.ingest import run_ingest
 from couplet.pipeline import summarize, with_source
-from couplet.train import run_train
 from couplet.validate import ValidationFailed, run_validate
 from flows.promote import promote_model
 
@@ -78,11 +76,15 @@ def build_dataset(validated: dict, config: Config, home: Path, force: bool) -> d
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(built: dict, config: Config, home: Path, force: bool) -> dict:
+    from couplet.train import run_train  # torch is imported only by runs that train (~1 s, ~170 MB)
+
     return _finish(run_train(built, config, home, force=force))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(trained: dict, built: dict, config: Config, home: Path, force: bool) -> dict:
+    from couplet.evaluate import run_evaluate  # imports torch, like train
+
     result = run_evaluate(trained, built, config, home, force=force)
     if result["status"] != "cached":
         metrics = result["metrics"]
