@@ -1,22 +1,22 @@
 """One typed configuration object for the whole pipeline.
 
-`Config` has one section per concern. It loads from YAML (`load_config`) and takes
-dotted `key=value` overrides (`apply_overrides`, the syntax of `couplet run --set`).
-A misspelt key or a value of the wrong type is a `ConfigError` naming it.
+`Config` has one section per concern: frozen pydantic models that refuse unknown keys. It loads
+from YAML (`load_config`) and takes dotted `key=value` overrides (`apply_overrides`, the syntax of
+`couplet run --set`). A misspelt key or a value of the wrong type is a one-line `ConfigError` naming it.
+Change a value with `replace(config, "train", max_steps=300)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_SOURCE = "https://github.com/wb14123/couplet-dataset/releases/download/1.0/couplet.tar.gz"
 
@@ -25,8 +25,25 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+def _base_type(annotation: Any) -> Any:
+    """int for `int`, str for `str | None`."""
+    return next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+
+
+class _Section(BaseModel):
+    # Lax parsing turns "300", "1e-3", "true" (YAML or --set) into the field's type; numbers given
+    # for a string field become strings (data.source=123).
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info) -> Any:
+        if isinstance(value, bool) and _base_type(cls.model_fields[info.field_name].annotation) is not bool:
+            raise ValueError("a boolean is not a number")  # pydantic would read true as 1
+        return value
+
+
+class DataConfig(_Section):
     source: str = DEFAULT_SOURCE  # URL, local .tar.gz, or a directory in the dataset's layout
     sha256: str | None = None  # expected sha256 of the archive; verified when given
     name: str = "couplet"  # raw layer folder: data/raw/<name>/<sha256 prefix>/
@@ -38,16 +55,14 @@ class DataConfig:
     retries: int = 3  # HTTP attempts before giving up
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     embed_dim: int = 128  # the seed's character embedding size
     n_blocks: int = 6  # residual gated conv blocks (seed: 6)
     kernel_size: int = 3  # 'same' padding keeps the line length
     dropout: float = 0.25  # after the embedding, as in the seed
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
     batch_size: int = 64  # couplets of one length per batch (seed: 64)
@@ -63,109 +78,87 @@ class TrainConfig:
     cpu_bf16: bool = False  # bf16 autocast on CPU too (fp32 weights): ~1.4x faster steps on AVX512-BF16 CPUs
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(_Section):
     constrained: bool = True  # punctuation, repetition structure and no-copy enforced
     tone: bool = False  # also require the lower line to end in a level (平) tone
-    top_k: int = 1  # whole-line alternatives returned
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     n_samples: int = 20  # random test couplets shown in samples.md next to the probe lines
     max_eval: int | None = None  # evaluate on at most this many test couplets (None = all)
 
 
-@dataclass(frozen=True)
-class PromoteConfig:
+class PromoteConfig(_Section):
     metric: str = "bleu"  # champion/challenger metric; exact_match breaks ties
     require_baseline: bool = True  # never promote a model that does not beat the dictionary baseline on ideograph accuracy
 
 
-@dataclass(frozen=True)
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    promote: PromoteConfig = field(default_factory=PromoteConfig)
+class Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of the named sections (used in cache keys)."""
-        import hashlib
-
-        payload = {name: dataclasses.asdict(getattr(self, name)) for name in sections}
+        payload = {name: getattr(self, name).model_dump() for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert `value` (from YAML or a `--set` string) to the field's declared type."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        return _coerce(value, options[0], key)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            return int(str(value))
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+SECTIONS: dict[str, type[_Section]] = {name: field.annotation for name, field in Config.model_fields.items()}
+_EXPECTED = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
 
 
-def _section_types(section_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
+def _error(section: str, exc: ValidationError) -> ConfigError:
+    """pydantic's first error as one line naming the dotted key."""
+    error = exc.errors()[0]
+    key = str(error["loc"][0]) if error["loc"] else ""
+    known = SECTIONS[section].model_fields
+    if error["type"] == "extra_forbidden":
+        return ConfigError(f"unknown config key {section}.{key} (known: {', '.join(known)})")
+    expected = _EXPECTED.get(_base_type(known[key].annotation)) if key in known else None
+    if expected:
+        return ConfigError(f"{section}.{key}: expected {expected}, got {error.get('input')!r}")
+    return ConfigError(f"{section}.{key}: {error['msg']}")
 
 
-def config_from_dict(raw: dict[str, Any] | None) -> Config:
-    """Build a Config from nested dicts, rejecting unknown keys and wrong types."""
+def _section(name: str, values: Any) -> _Section:
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown config section {name!r} (known: {', '.join(SECTIONS)})")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {values!r}")
+    try:
+        return SECTIONS[name].model_validate(values)
+    except ValidationError as exc:
+        raise _error(name, exc) from None
+
+
+def config_from_dict(raw: dict[str, Any] | None, *, drop_unknown: bool = False) -> Config:
+    """Build a Config from nested dicts, rejecting unknown keys and wrong types.
+
+    `drop_unknown=True` reads a config saved by another version (a model folder's config.json):
+    sections and keys this version no longer has are ignored instead of refused.
+    """
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    built: dict[str, Any] = {}
-    for name, values in raw.items():
-        if name not in sections:
-            raise ConfigError(f"unknown config section {name!r} (known: {', '.join(sections)})")
-        section_cls = typing.get_type_hints(Config)[name]
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {values!r}")
-        hints = _section_types(section_cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"unknown config key {name}.{key} (known: {', '.join(hints)})")
-            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
-        built[name] = section_cls(**kwargs)
-    return Config(**built)
+    if drop_unknown:
+        raw = {name: {k: v for k, v in values.items() if k in SECTIONS[name].model_fields}
+               for name, values in raw.items() if name in SECTIONS and isinstance(values, dict)}
+    return Config(**{name: _section(name, values) for name, values in raw.items()})
+
+
+def replace(config: Config, section: str, **values: Any) -> Config:
+    """A copy of `config` with `values` set in `section`, validated like an override."""
+    current = getattr(config, section).model_dump()
+    return config.model_copy(update={section: _section(section, {**current, **values})})
 
 
 def apply_overrides(config: Config, overrides: list[str] | None) -> Config:
@@ -178,18 +171,18 @@ def apply_overrides(config: Config, overrides: list[str] | None) -> Config:
         if len(parts) != 2:
             raise ConfigError(f"override key {dotted!r} must be section.key, e.g. train.max_steps")
         section, key = parts
-        if section not in {f.name for f in dataclasses.fields(Config)}:
+        if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r} in override {item!r}")
-        section_obj = getattr(config, section)
-        hints = _section_types(type(section_obj))
-        if key not in hints:
-            raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(hints)})")
-        # YAML parsing lets `--set train.lr=1e-3` and `--set data.sha256=null` read naturally.
-        parsed = yaml.safe_load(value) if value.strip() else ""
-        if hints[key] is str or (typing.get_origin(hints[key]) in (typing.Union, types.UnionType) and str in typing.get_args(hints[key])):
-            parsed = None if value.strip().lower() in ("none", "null") else value
-        new_section = dataclasses.replace(section_obj, **{key: _coerce(parsed, hints[key], dotted)})
-        config = dataclasses.replace(config, **{section: new_section})
+        field = SECTIONS[section].model_fields.get(key)
+        if field is None:
+            raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(SECTIONS[section].model_fields)})")
+        if value.strip().lower() in ("none", "null"):
+            parsed: Any = None
+        elif _base_type(field.annotation) is str:
+            parsed = value  # a string field takes the text as written (data.source=123 stays "123")
+        else:
+            parsed = yaml.safe_load(value) if value.strip() else ""  # YAML reads 1e-3, true, 300 naturally
+        config = replace(config, section, **{key: parsed})
     return config
 
 

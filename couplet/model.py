@@ -8,7 +8,6 @@ kernels it calls (fused output layer + loss, small-input convolution) are in cou
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -120,8 +119,7 @@ def load_labeller(model_dir: str | Path, device: str = "cpu") -> tuple[CoupletLa
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / MODEL_FILES.config).read_text(encoding="utf-8"))
     vocab_size = int(raw.pop("vocab_size"))
-    sections = {f.name for f in dataclasses.fields(Config)}
-    config = config_from_dict({k: v for k, v in raw.items() if k in sections})  # extras such as vocab_size ignored
+    config = config_from_dict(raw, drop_unknown=True)  # a folder from another version may hold fields since removed
     vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
     if len(vocab) != vocab_size:
         raise ValueError(f"{model_dir}: vocab.json has {len(vocab)} entries, config.json says {vocab_size}")

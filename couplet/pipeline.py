@@ -4,13 +4,11 @@ wires them together. No Prefect in here."""
 
 from __future__ import annotations
 
-import dataclasses
-
-from couplet.config import Config
+from couplet.config import Config, replace
 
 
 def with_source(config: Config, source: str) -> Config:
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, source=source))
+    return replace(config, "data", source=source)
 
 
 def summarize(results: dict[str, dict], seconds: float) -> dict:

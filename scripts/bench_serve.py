@@ -43,11 +43,9 @@ PUNCT = "，。！？；：、"
 def make_random_model(model_dir: Path, vocab_size: int = 6000, embed_dim: int = 128, n_blocks: int = 6, seed: int = 0, must_have: str = DEFAULT_UPPER) -> Path:
     """A seed-sized CoupletLabeller with random weights (the speed of a trained one, none of the sense)."""
     sys.path.insert(0, str(ROOT))
-    import dataclasses
-
     import torch
 
-    from couplet.config import Config
+    from couplet.config import Config, replace
     from couplet.model import CoupletLabeller, save_labeller
     from couplet.vocab import Vocab
 
@@ -60,8 +58,7 @@ def make_random_model(model_dir: Path, vocab_size: int = 6000, embed_dim: int = 
         cp += 1
     counts = Counter({ch: 1_000_000 - i for i, ch in enumerate(chars)})
     vocab = Vocab.from_counts(counts, min_count=1)
-    config = Config()
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, embed_dim=embed_dim, n_blocks=n_blocks))
+    config = replace(Config(), "model", embed_dim=embed_dim, n_blocks=n_blocks)
     torch.manual_seed(seed)
     model = CoupletLabeller(len(vocab), config.model).eval()
     save_labeller(model, vocab, config, model_dir)

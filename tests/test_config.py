@@ -1,6 +1,6 @@
 import pytest
 
-from couplet.config import Config, ConfigError, apply_overrides, load_config
+from couplet.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, replace
 
 
 def test_overrides_are_typed():
@@ -45,3 +45,50 @@ def test_section_hash_changes_with_values():
     a, b = Config(), apply_overrides(Config(), ["data.min_count=1"])
     assert a.section_hash("data") != b.section_hash("data")
     assert a.section_hash("train") == b.section_hash("train")
+
+
+def test_sections_are_frozen_and_refuse_unknown_keys():
+    import pydantic
+
+    cfg = Config()
+    with pytest.raises(pydantic.ValidationError):
+        cfg.train.max_steps = 3
+    with pytest.raises(ConfigError, match=r"^unknown config key decode.top_k \(known: constrained, tone\)$"):
+        config_from_dict({"decode": {"top_k": 3}})
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"train": {"max_steps": True}}, "train.max_steps: expected an integer, got True"),
+        ({"train": {"lr": True}}, "train.lr: expected a number, got True"),
+        ({"data": {"source": ["a"]}}, "data.source: expected a string, got ['a']"),
+        ({"train": 3}, "train: expected a mapping, got 3"),
+    ],
+)
+def test_yaml_values_of_the_wrong_type_are_one_line_errors(raw, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert str(info.value) == message
+
+
+def test_strings_stay_strings_and_numbers_become_strings_for_string_fields():
+    assert apply_overrides(Config(), ["data.source=123"]).data.source == "123"
+    assert config_from_dict({"data": {"source": 123}}).data.source == "123"
+    assert apply_overrides(Config(), ["train.cpu_bf16=on"]).train.cpu_bf16 is True
+
+
+def test_a_saved_config_from_an_older_version_still_loads():
+    saved = Config().to_dict() | {"vocab_size": 40}
+    saved["decode"] = {**saved["decode"], "top_k": 1}  # a field since removed
+    cfg = config_from_dict(saved, drop_unknown=True)
+    assert cfg == Config()
+    with pytest.raises(ConfigError, match="unknown config key decode.top_k"):
+        config_from_dict({"decode": saved["decode"]})
+
+
+def test_replace_validates_like_an_override():
+    cfg = replace(Config(), "train", max_steps=5)
+    assert cfg.train.max_steps == 5 and Config().train.max_steps is None
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
+        replace(cfg, "train", max_steps="many")

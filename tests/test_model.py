@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def one_thread():
 
 def tiny_model(vocab_size: int = 50, seed: int = 0, **changes) -> CoupletLabeller:
     torch.manual_seed(seed)
-    return CoupletLabeller(vocab_size, dataclasses.replace(SMALL, **changes))
+    return CoupletLabeller(vocab_size, SMALL.model_copy(update=changes))
 
 
 def test_shapes_and_loss():
@@ -125,7 +124,7 @@ def test_tiny_model_overfits_a_handful_of_couplets():
 
 def test_save_load_round_trip(tmp_path):
     vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
-    config = dataclasses.replace(Config(), model=SMALL)
+    config = Config(model=SMALL)
     model = tiny_model(len(vocab))
     save_labeller(model, vocab, config, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
@@ -137,6 +136,16 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded.log_probs(ids), model.log_probs(ids), rtol=0, atol=0)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_a_model_folder_from_an_older_version_loads(tmp_path):
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    save_labeller(tiny_model(len(vocab)), vocab, Config(model=SMALL), tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    raw["decode"]["top_k"] = 1  # written by a version whose DecodeConfig still had top_k
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    _, _, config = load_labeller(tmp_path / "m")
+    assert config.model == SMALL and config.decode == Config().decode
 
 
 def test_log_probs_does_not_mask_pad_or_unk():
@@ -160,7 +169,7 @@ def test_a_failed_save_keeps_the_old_weights_and_leaves_no_temporary_file(tmp_pa
     import safetensors.torch
 
     vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
-    config = dataclasses.replace(Config(), model=SMALL)
+    config = Config(model=SMALL)
     save_labeller(tiny_model(len(vocab)), vocab, config, tmp_path / "m")
     before = (tmp_path / "m" / "model.safetensors").read_bytes()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from couplet.catalog import PROBE_LINES as PROBES
-from couplet.config import Config
+from couplet.config import Config, replace
 from couplet.data import LengthBucketBatches, load_split
 from couplet.model import load_labeller
 from couplet.train import TrainingInterrupted, argmax_lines, train_labeller
@@ -31,12 +30,8 @@ VALID = [("鱼跃此时海", "花开彼岸天"), ("一帆风顺", "万事如意"
 
 
 def small_config(**train) -> Config:
-    config = Config()
-    return dataclasses.replace(
-        config,
-        model=dataclasses.replace(config.model, embed_dim=32, n_blocks=2),
-        train=dataclasses.replace(config.train, batch_size=4, lr=2e-2, num_threads=1, checkpoint_every=5, **train),
-    )
+    config = replace(Config(), "model", embed_dim=32, n_blocks=2)
+    return replace(config, "train", batch_size=4, lr=2e-2, num_threads=1, checkpoint_every=5, **train)
 
 
 @pytest.fixture
@@ -135,7 +130,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(build, tmp_path):
 def test_checkpoint_with_another_config_is_ignored(build, tmp_path):
     with pytest.raises(TrainingInterrupted):
         train_labeller(build, small_config(max_steps=10), tmp_path / "m", progress=False, stop_after=6)
-    other = dataclasses.replace(small_config(max_steps=10), train=dataclasses.replace(small_config().train, max_steps=10, lr=1e-3))
+    other = replace(small_config(max_steps=10), "train", lr=1e-3)
     summary = train_labeller(build, other, tmp_path / "m", progress=False)
     assert summary["resumed_from"] is None and summary["steps"] == 10
 
