@@ -1,5 +1,8 @@
 """Decoding that respects the couplet: from per-position log-probabilities to whole lower lines.
 
+(Over 300 lines on purpose: one search with its constraint handling, top-1 by assignment and top-k
+by A*/Murty, reads best in one file; splitting it would scatter the shared tables and invariants.)
+
 The labeller gives, for every character of the upper line (上联), a distribution over the
 character at the same position of the lower line (下联). `decode` turns that (L, V) matrix
 into the k best whole lines under a switchable set of couplet constraints:
