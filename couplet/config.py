@@ -37,9 +37,12 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_as_number(cls, value: Any, info) -> Any:
-        if isinstance(value, bool) and _base_type(cls.model_fields[info.field_name].annotation) is not bool:
+    def _before(cls, value: Any, info) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _base_type(annotation) is not bool:
             raise ValueError("a boolean is not a number")  # pydantic would read true as 1
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null") and type(None) in typing.get_args(annotation):
+            return None  # an optional field is cleared by an empty value (--set train.max_steps=)
         return value
 
 
@@ -157,6 +160,8 @@ def config_from_dict(raw: dict[str, Any] | None, *, drop_unknown: bool = False) 
 
 def replace(config: Config, section: str, **values: Any) -> Config:
     """A copy of `config` with `values` set in `section`, validated like an override."""
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} (known: {', '.join(SECTIONS)})")
     current = getattr(config, section).model_dump()
     return config.model_copy(update={section: _section(section, {**current, **values})})
 
@@ -181,7 +186,10 @@ def apply_overrides(config: Config, overrides: list[str] | None) -> Config:
         elif _base_type(field.annotation) is str:
             parsed = value  # a string field takes the text as written (data.source=123 stays "123")
         else:
-            parsed = yaml.safe_load(value) if value.strip() else ""  # YAML reads 1e-3, true, 300 naturally
+            try:
+                parsed = yaml.safe_load(value) if value.strip() else ""  # YAML reads 1e-3, true, 300 naturally
+            except yaml.YAMLError:
+                parsed = value  # not YAML ("[oops"): the type check below names the key
         config = replace(config, section, **{key: parsed})
     return config
 

@@ -92,3 +92,34 @@ def test_replace_validates_like_an_override():
     assert cfg.train.max_steps == 5 and Config().train.max_steps is None
     with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
         replace(cfg, "train", max_steps="many")
+
+
+def test_an_empty_or_null_value_clears_an_optional_field():
+    cfg = apply_overrides(Config(), ["train.max_steps=300", "data.sha256=abc"])
+    cleared = apply_overrides(cfg, ["train.max_steps=", "data.sha256=", "train.eval_every=None"])
+    assert cleared.train.max_steps is None and cleared.data.sha256 is None and cleared.train.eval_every is None
+    assert config_from_dict({"data": {"sha256": ""}}).data.sha256 is None
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer, got ''"):
+        apply_overrides(Config(), ["train.epochs="])  # not optional: nothing to clear
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=[oops", "train.lr: expected a number, got '[oops'"),
+        ("train.cpu_bf16=2", "train.cpu_bf16: expected true/false, got 2"),
+        ("train.max_steps=3.5", "train.max_steps: expected an integer, got 3.5"),
+        ("data.source=null", "data.source: expected a string, got None"),
+    ],
+)
+def test_override_errors_are_exactly_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Config(), [override])
+    assert str(info.value) == message
+
+
+def test_replace_refuses_unknown_sections_and_keys():
+    with pytest.raises(ConfigError, match="unknown config section 'trian'"):
+        replace(Config(), "trian", max_steps=3)
+    with pytest.raises(ConfigError, match=r"^unknown config key train.foo \(known: epochs, "):
+        replace(Config(), "train", foo=1)
