@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +68,7 @@ def start_temporary_server(timeout_s: float = 60.0):
          "--log-level", "error", "--lifespan", "on"],
         env=env,
         stdout=subprocess.DEVNULL,
+        preexec_fn=functools.partial(_terminate_with_parent, os.getpid()) if sys.platform == "linux" else None,
     )
     atexit.register(_stop, proc)
     api_url = f"http://127.0.0.1:{port}/api"
@@ -76,6 +80,16 @@ def start_temporary_server(timeout_s: float = 60.0):
             stamp.write_text(version)
 
     return wait_until_ready
+
+
+def _terminate_with_parent(parent: int) -> None:
+    """Runs in the server's process before exec: the kernel sends it SIGTERM when `couplet run` dies,
+    however it dies (SIGTERM and SIGKILL skip atexit), so no server is left holding its port."""
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _migration_stamp() -> Path | None:

@@ -141,3 +141,54 @@ def test_failed_validation_is_one_line_naming_the_rule(home, prefect_home, tmp_p
     assert proc.stderr.strip().splitlines()[-1] == f"error: {error}"
     assert not (home / "data" / "processed" / "validate").exists()
     assert not (home / "data" / "processed" / "build").exists()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_killed_run_leaves_no_server_and_a_rerun_completes(home, prefect_home, tarball):
+    import signal
+    import time
+
+    env = {**os.environ, "COUPLET_HOME": str(home), "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen([*COUPLET, "run", "--source", str(tarball), "--until", "build", "--json"], env=env, cwd=home,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    servers: list[int] = []
+    while not servers and time.monotonic() < deadline and run.poll() is None:
+        servers = [pid for pid, cmd in _children(run.pid) if "prefect.server.api.server" in cmd]
+        time.sleep(0.05)
+    assert servers, "couplet run started no temporary Prefect server"
+    os.kill(run.pid, signal.SIGKILL)  # atexit does not run: only the parent-death signal can stop the server
+    run.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in servers), f"server {servers} outlived its killed couplet run"
+
+    rerun = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json"))
+    assert set(rerun["stages"]) == {"ingest", "validate", "build"}
+    assert rerun["counts"]["test"] == 30 and rerun["counts"]["train"] + rerun["counts"]["valid"] == 300
