@@ -126,5 +126,11 @@ def load_labeller(model_dir: str | Path, device: str = "cpu") -> tuple[CoupletLa
     # built on CPU (random init costs ~10 ms; a meta-device build imports torch._refs, ~2 s), then the file's
     # tensors are assigned in place of the random ones
     model = CoupletLabeller(vocab_size, config.model)
-    model.load_state_dict(load_file(str(model_dir / MODEL_FILES.weights)), assign=True)
+    weights = model_dir / MODEL_FILES.weights
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError) for a cut or garbled file
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"{weights} is damaged ({reason}): retrain it (couplet run --force train) or restore the file") from None
+    model.load_state_dict(state, assign=True)
     return model.to(device).eval(), vocab, config

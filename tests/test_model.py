@@ -182,3 +182,14 @@ def test_a_failed_save_keeps_the_old_weights_and_leaves_no_temporary_file(tmp_pa
         save_labeller(tiny_model(len(vocab), seed=1), vocab, config, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+def test_damaged_weights_are_a_one_line_error_naming_the_file(tmp_path):
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    save_labeller(tiny_model(len(vocab)), vocab, Config(model=SMALL), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut short, as by a full disk or an interrupted copy
+    with pytest.raises(ValueError) as info:
+        load_labeller(tmp_path / "m")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{weights} is damaged (") and "couplet run --force train" in message
