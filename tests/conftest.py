@@ -31,3 +31,14 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     if not directory.exists():
         return {}
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: tiny ops gain nothing from a second thread on a shared 2-core box."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,12 +11,7 @@ from couplet.model import GatedConvBlock
 from couplet.vocab import PAD
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second thread only adds sync overhead on a shared 2-core box
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 4, 5])

@@ -18,12 +18,7 @@ SMALL = ModelConfig(embed_dim=32, n_blocks=2)
 PAIRS = [("晚风摇树树还挺", "晨露润花花更红"), ("今天天气不错", "明日风光更佳"), ("鱼跃此时海", "花开彼岸天"), ("只有香如故", "何须色更新")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second thread only adds sync overhead on a shared 2-core box
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(vocab_size: int = 50, seed: int = 0, **changes) -> CoupletLabeller:
