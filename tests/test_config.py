@@ -107,7 +107,7 @@ def test_an_empty_or_null_value_clears_an_optional_field():
     "override, message",
     [
         ("train.lr=[oops", "train.lr: expected a number, got '[oops'"),
-        ("train.cpu_bf16=2", "train.cpu_bf16: expected true/false, got 2"),
+        ("train.cpu_bf16=2", "train.cpu_bf16: expected auto or true/false, got 2"),
         ("train.max_steps=3.5", "train.max_steps: expected an integer, got 3.5"),
         ("data.source=null", "data.source: expected a string, got None"),
     ],
@@ -123,3 +123,12 @@ def test_replace_refuses_unknown_sections_and_keys():
         replace(Config(), "trian", max_steps=3)
     with pytest.raises(ConfigError, match=r"^unknown config key train.foo \(known: epochs, "):
         replace(Config(), "train", foo=1)
+
+
+def test_cpu_bf16_is_auto_true_or_false():
+    assert Config().train.cpu_bf16 == "auto"
+    assert apply_overrides(Config(), ["train.cpu_bf16=true"]).train.cpu_bf16 is True
+    assert apply_overrides(Config(), ["train.cpu_bf16=false"]).train.cpu_bf16 is False
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Config(), ["train.cpu_bf16=maybe"])
+    assert str(info.value) == "train.cpu_bf16: expected auto or true/false, got 'maybe'"

@@ -192,3 +192,19 @@ def test_cli_prints_library_notices_as_plain_lines(capfd):
         assert capfd.readouterr().err == "resuming from last.pt at step 40\n"
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_cpu_bf16_auto_follows_the_cpu_and_forcing_it_warns(monkeypatch, caplog):
+    import logging
+
+    import couplet.train as train_mod
+
+    monkeypatch.setattr(train_mod, "native_cpu_bf16", lambda: False)
+    assert train_mod.resolve_cpu_bf16("auto") is False and train_mod.resolve_cpu_bf16(False) is False
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="couplet.train"):
+        assert train_mod.resolve_cpu_bf16(True) is True
+    (record,) = caplog.records
+    assert "without native bf16" in record.getMessage() and "x slower than fp32" in record.getMessage()
+    monkeypatch.setattr(train_mod, "native_cpu_bf16", lambda: True)
+    assert train_mod.resolve_cpu_bf16("auto") is True
