@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,6 +28,7 @@ from typing import Callable, Iterable
 from couplet.atomic import atomic_directory, atomic_write_json, read_json
 from couplet.catalog import STAGES
 
+log = logging.getLogger("couplet.stage")
 PACKAGE_ROOT = Path(__file__).resolve().parent  # the couplet/ folder
 MANIFEST = "manifest.json"
 
@@ -129,8 +131,10 @@ def run_cached(
     """
     started = time.perf_counter() if started is None else started
     manifest = read_json(out_dir / manifest_name)
-    if not force and manifest.get("key") == key and outputs_intact(out_dir, manifest):
-        return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - started, 3)}
+    if not force and manifest.get("key") == key:
+        if outputs_intact(out_dir, manifest):
+            return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - started, 3)}
+        log.warning("%s: the cached output in %s is damaged or incomplete; rebuilding it", stage, out_dir)
 
     def finish(folder: Path) -> dict:
         fields = produce(folder)

@@ -103,12 +103,13 @@ def test_second_run_is_cached_and_force_reruns(tmp_path):
     assert len(calls) == 3
 
 
-def test_damaged_or_missing_output_is_a_miss(tmp_path):
+def test_damaged_or_missing_output_is_a_miss(tmp_path, caplog):
     calls: list = []
     out = tmp_path / "stage"
     run_cached("build", "k", out, _producer(calls))
     (out / "out.txt").write_text("hel", encoding="utf-8")  # cut short
     assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"
+    assert [r.getMessage() for r in caplog.records] == [f"build: the cached output in {out} is damaged or incomplete; rebuilding it"]
     assert (out / "out.txt").read_text(encoding="utf-8") == "hello"
     (out / "out.txt").unlink()
     assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"
