@@ -76,7 +76,7 @@ def run_fingerprint(config: Config, vocab_size: int, build_key: str | None) -> d
 
 
 def save_checkpoint(path: Path, *, fingerprint: dict, config: Config, model, optimizer, batches, best_weights: dict | None,
-                    progress: TrainState, device: torch.device) -> None:
+                    progress: TrainState, device: torch.device, ema=None) -> None:
     """Write the full state of a run to `path`, atomically."""
     state = {
         "fingerprint": fingerprint, "config": config.to_dict(), "model": model.state_dict(),
@@ -84,6 +84,8 @@ def save_checkpoint(path: Path, *, fingerprint: dict, config: Config, model, opt
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
         "progress": dataclasses.asdict(progress),
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -103,13 +105,15 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
     return ckpt
 
 
-def restore(ckpt: dict, model, optimizer, batches, device: torch.device) -> tuple[TrainState, dict | None]:
+def restore(ckpt: dict, model, optimizer, batches, device: torch.device, ema=None) -> tuple[TrainState, dict | None]:
     """Load a checkpoint into a run's model, optimiser and batches (and the RNG); returns its progress and
     best weights. Raises on a checkpoint of another layout, possibly after loading part of it."""
     progress = TrainState(**ckpt["progress"])
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     batches.load_state_dict(ckpt["data"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -59,17 +59,27 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # gated_cnn: the seed's labeller. refine: the same, then `refine_blocks` more gated blocks that relabel each
+    # position seeing the first pass's own answer (see couplet/model.py and docs/design.md)
+    kind: Literal["gated_cnn", "refine"] = "gated_cnn"
     embed_dim: int = 128  # the seed's character embedding size
     n_blocks: int = 6  # residual gated conv blocks (seed: 6)
     kernel_size: int = 3  # 'same' padding keeps the line length
     dropout: float = 0.25  # after the embedding, as in the seed
+    refine_blocks: int = Field(default=3, ge=1)  # refine kind only: gated blocks of the relabelling pass
 
 
 class TrainConfig(_Section):
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    max_minutes: float | None = Field(default=None, gt=0)  # stop after this much time in training steps (a budget), keeping the best weights
     batch_size: int = 64  # couplets of one length per batch (seed: 64)
     lr: float = 1e-3  # Adam
+    # constant (the seed) or cosine: linear warm-up over warmup_steps, then cosine decay to 0 at the end of the
+    # run (the end being epochs/max_steps, or max_minutes when that comes first)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)  # validate and keep an exponential moving average of the weights (e.g. 0.999)
     max_len: int = 16  # the seed drops couplets longer than 16 characters from training
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -86,6 +96,10 @@ class TrainConfig(_Section):
 class DecodeConfig(_Section):
     constrained: bool = True  # punctuation, repetition structure and no-copy enforced
     tone: bool = False  # also require the lower line to end in a level (平) tone
+    # shallow fusion of the lower-line bigram LM trained with the model: score = model + lm_weight * LM, searched
+    # by beam over positions (couplet/beam.py); 0 = off, the exact k-best search of couplet/decode.py
+    lm_weight: float = Field(default=0.0, ge=0)
+    beam_size: int = Field(default=8, ge=1)  # beam width when lm_weight > 0
 
 
 class EvaluateConfig(_Section):
@@ -138,7 +152,7 @@ def _error(section: str, exc: ValidationError) -> ConfigError:
     if error["type"] == "extra_forbidden":
         return ConfigError(f"unknown config key {section}.{key} (known: {', '.join(known)})")
     expected = _expected(known[key].annotation) if key in known else None
-    if expected:
+    if expected and not error["type"].startswith(("greater_than", "less_than")):  # a range error says the range
         return ConfigError(f"{section}.{key}: expected {expected}, got {error.get('input')!r}")
     return ConfigError(f"{section}.{key}: {error['msg']}")
 

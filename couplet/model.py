@@ -46,6 +46,29 @@ class GatedConvBlock(nn.Module):
         return torch.lerp(c, x.to(c.dtype), torch.sigmoid(g))  # (B, d, L); the cast matters under autocast
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A stack of gated blocks over x (B, L, d) -> (B, L, d), zero at the PAD positions of ids (B, L)."""
+    mask = (ids != PAD).unsqueeze(1)  # (B, 1, L)
+    has_pad = not bool(mask.all())  # equal-length training batches skip the masking multiplies
+    x = x.transpose(1, 2)  # (B, d, L)
+    for block in blocks:
+        if has_pad:
+            x = x * mask  # PAD positions are zero before every conv, so they never leak into neighbours
+        x = block(x)  # (B, d, L)
+    if has_pad:
+        x = x * mask
+    return x.transpose(1, 2)  # (B, L, d)
+
+
+def head_loss(x: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over non-PAD positions of the output layer `head` on features x (B, L, d)."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, d), (N,)
+    if x.is_cuda:  # GPU memory is plentiful and autocast handles dtypes: the stock loss is fine there
+        return F.cross_entropy(head(x).float(), targets, ignore_index=PAD)
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return fused_linear_cross_entropy(x, head.weight, head.bias, targets, matmul_dtype=amp)
+
+
 class CoupletLabeller(nn.Module):
     """Upper-line ids (B, L) -> lower-line logits (B, L, V)."""
 
@@ -60,16 +83,7 @@ class CoupletLabeller(nn.Module):
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:
         """The last block's output, (B, L, d), zero at PAD positions."""
-        mask = (ids != PAD).unsqueeze(1)  # (B, 1, L)
-        has_pad = not bool(mask.all())  # equal-length training batches skip the masking multiplies
-        x = self.dropout(self.embedding(ids)).transpose(1, 2)  # (B, d, L)
-        for block in self.blocks:
-            if has_pad:
-                x = x * mask  # PAD positions are zero before every conv, so they never leak into neighbours
-            x = block(x)  # (B, d, L)
-        if has_pad:
-            x = x * mask
-        return x.transpose(1, 2)  # (B, L, d)
+        return run_blocks(self.blocks, self.dropout(self.embedding(ids)), ids)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
         """ids (B, L) int64 -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean loss over non-PAD).
@@ -80,13 +94,7 @@ class CoupletLabeller(nn.Module):
         x = self.features(ids)  # (B, L, d)
         if targets is None:
             return self.head(x), None  # (B, L, V)
-        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, d), (N,)
-        if x.is_cuda:  # GPU memory is plentiful and autocast handles dtypes: the stock loss is fine there
-            loss = F.cross_entropy(self.head(x).float(), targets, ignore_index=PAD)
-        else:
-            amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-            loss = fused_linear_cross_entropy(x, self.head.weight, self.head.bias, targets, matmul_dtype=amp)
-        return None, loss
+        return None, head_loss(x, self.head, targets)
 
     @torch.no_grad()
     def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
@@ -98,6 +106,46 @@ class CoupletLabeller(nn.Module):
             return F.log_softmax(logits.float(), dim=-1)
         finally:
             self.train(was_training)
+
+
+class RefiningLabeller(CoupletLabeller):
+    """kind "refine": the seed labeller drafts a lower line; `refine_blocks` more gated blocks relabel every
+    position from the upper line's features plus the embedding of the draft's characters, so each position
+    finally sees its neighbours' lower characters, both sides of it.
+
+    The draft is the first pass's own arg-max (detached) in training as in use: the relabelling pass learns to
+    fix the drafts it will really get, so there is no exposure bias. Training loss = draft loss + final loss;
+    in eval mode the loss is the final pass's alone, comparable with the seed's.
+    """
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig):
+        super().__init__(vocab_size, cfg)
+        self.draft_embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.refine_blocks = nn.ModuleList(GatedConvBlock(cfg.embed_dim, cfg.kernel_size) for _ in range(cfg.refine_blocks))
+        self.refine_head = nn.Linear(cfg.embed_dim, vocab_size)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+        x = self.features(ids)  # (B, L, d)
+        draft_logits = self.head(x)  # (B, L, V)
+        draft = draft_logits.argmax(-1)  # (B, L): no gradient flows through the choice
+        y = run_blocks(self.refine_blocks, x + self.draft_embedding(draft), ids)  # (B, L, d)
+        if targets is None:
+            return self.refine_head(y), None
+        final = head_loss(y, self.refine_head, targets)
+        if not self.training:
+            return None, final
+        draft_loss = F.cross_entropy(draft_logits.reshape(-1, self.vocab_size).float(), targets.reshape(-1), ignore_index=PAD)
+        return None, draft_loss + final
+
+
+MODEL_KINDS: dict[str, type[CoupletLabeller]] = {"gated_cnn": CoupletLabeller, "refine": RefiningLabeller}
+# fields whose default changed after folders were written without them: such a folder meant the old value
+_FORMER_DEFAULTS = {"model": {"kind": "gated_cnn"}, "decode": {"lm_weight": 0.0}}
+
+
+def build_labeller(vocab_size: int, cfg: ModelConfig) -> CoupletLabeller:
+    """A freshly initialised labeller of the configured kind."""
+    return MODEL_KINDS[cfg.kind](vocab_size, cfg)
 
 
 def save_labeller(model: CoupletLabeller, vocab: Vocab, config: Config, model_dir: str | Path) -> None:
@@ -119,13 +167,16 @@ def load_labeller(model_dir: str | Path, device: str = "cpu") -> tuple[CoupletLa
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / MODEL_FILES.config).read_text(encoding="utf-8"))
     vocab_size = int(raw.pop("vocab_size"))
+    for section, values in _FORMER_DEFAULTS.items():
+        if isinstance(raw.get(section), dict):
+            raw[section] = {**values, **raw[section]}
     config = config_from_dict(raw, drop_unknown=True)  # a folder from another version may hold fields since removed
     vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
     if len(vocab) != vocab_size:
         raise ValueError(f"{model_dir}: vocab.json has {len(vocab)} entries, config.json says {vocab_size}")
     # built on CPU (random init costs ~10 ms; a meta-device build imports torch._refs, ~2 s), then the file's
     # tensors are assigned in place of the random ones
-    model = CoupletLabeller(vocab_size, config.model)
+    model = build_labeller(vocab_size, config.model)
     weights = model_dir / MODEL_FILES.weights
     try:
         state = load_file(str(weights))

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from couplet.checkpoint import (
 from couplet.config import Config
 from couplet.data import LengthBucketBatches, count_rows, load_split, read_manifest
 from couplet.locks import hold_lock
-from couplet.model import CoupletLabeller, save_labeller
+from couplet.model import build_labeller, save_labeller
 from couplet.progress import append_samples, argmax_lines, progress_bar, write_curve
 from couplet.stage import run_cached, stage_key
 from couplet.vocab import PAD, Vocab
@@ -127,10 +128,30 @@ def estimate_loss(model, buckets, device, autocast, rows: int = 256) -> float | 
 
 
 def _build(config: Config, vocab_size: int, device: torch.device):
-    """A freshly initialised model (seeded) and its optimiser."""
+    """A freshly initialised model (seeded), its optimiser, and its weight average (None without train.ema_decay)."""
     torch.manual_seed(config.train.seed)
-    model = CoupletLabeller(vocab_size, config.model).to(device)
-    return model, make_optimizer(model, config.train.lr)
+    model = build_labeller(vocab_size, config.model).to(device)
+    ema = None
+    if config.train.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
+    return model, make_optimizer(model, config.train.lr), ema
+
+
+def lr_factor(tc, step: int, total_steps: int, train_seconds: float) -> float:
+    """The learning-rate multiplier at `step`: 1 (constant), or linear warm-up then cosine decay to 0.
+
+    The run's progress is its share of steps or, under train.max_minutes, of the time budget, whichever is further.
+    """
+    if tc.lr_schedule == "constant":
+        return 1.0
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    done = (step - tc.warmup_steps) / max(1, total_steps - tc.warmup_steps)
+    if tc.max_minutes:
+        done = max(done, train_seconds / (60 * tc.max_minutes))
+    return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 def _validate(model, valid, device, autocast, patience: int, state: TrainState, loss_sum, best_weights: dict | None) -> dict | None:
@@ -177,17 +198,17 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
     # model and optimiser, then resume or start fresh
     ckpt_path, samples_path = model_dir / MODEL_FILES.checkpoint, model_dir / MODEL_FILES.samples
     fingerprint = run_fingerprint(config, len(vocab), manifest.get("key"))
-    model, optimizer = _build(config, len(vocab), device)
+    model, optimizer, ema = _build(config, len(vocab), device)
     state, best_weights, resumed_from = TrainState(), None, None
     ckpt = load_checkpoint(ckpt_path, fingerprint)
     if ckpt is not None:
         try:
-            state, best_weights = restore(ckpt, model, optimizer, batches, device)
+            state, best_weights = restore(ckpt, model, optimizer, batches, device, ema)
             resumed_from = state.step
             log.info("resuming from %s at step %d", ckpt_path, state.step)
         except Exception as exc:  # noqa: BLE001 — a checkpoint of another layout: start over (it may have been half loaded)
             log.warning("ignoring %s: cannot resume from it (%s); training from scratch", ckpt_path, one_line(exc))
-            model, optimizer = _build(config, len(vocab), device)
+            model, optimizer, ema = _build(config, len(vocab), device)
             batches = LengthBucketBatches(train, tc.batch_size, seed=tc.seed)
             state = TrainState()
     if resumed_from is None:
@@ -195,16 +216,25 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
     step_model = torch.compile(model) if tc.compile else model
     loss_sum = torch.zeros((), device=device)  # train loss since the last flush, summed on the device
     tokens, step_seconds = 0, 0.0  # this call's tokens trained and time in steps (not evals or checkpoints)
-    validate = functools.partial(_validate, model, valid, device, autocast, tc.patience, state, loss_sum)
+    kept = ema.module if ema is not None else model  # the weights validated, kept and saved
+    validate = functools.partial(_validate, kept, valid, device, autocast, tc.patience, state, loss_sum)
+    budget_s = 60 * tc.max_minutes if tc.max_minutes else math.inf
+    out_of_time = False
 
     # the loop
     bar = progress_bar(total_steps, state.step, progress)
     model.train()
-    while state.step < total_steps and not state.stopped_early:
+    while state.step < total_steps and not state.stopped_early and not out_of_time:
         tick = time.perf_counter()
         for up, down in batches:
             up, down = up.to(device, non_blocking=True), down.to(device, non_blocking=True)
+            if tc.lr_schedule != "constant":
+                factor = lr_factor(tc, state.step, total_steps, state.train_seconds + step_seconds)
+                for group in optimizer.param_groups:
+                    group["lr"] = tc.lr * factor
             loss = train_step(step_model, optimizer, up, down, autocast)
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss
             state.step += 1
             state.run_steps += 1
@@ -223,17 +253,18 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
                 so_far = dataclasses.replace(state, seconds=state.seconds + time.perf_counter() - started,
                                              tokens=state.tokens + tokens, train_seconds=state.train_seconds + step_seconds)
                 save_checkpoint(ckpt_path, fingerprint=fingerprint, config=config, model=model, optimizer=optimizer,
-                                batches=batches, best_weights=best_weights, progress=so_far, device=device)
+                                batches=batches, best_weights=best_weights, progress=so_far, device=device, ema=ema)
             if stop_after is not None and state.step >= stop_after:
                 raise TrainingInterrupted(f"stopped after step {state.step} (stop_after)")
-            if state.step >= total_steps or state.stopped_early:
+            out_of_time = state.train_seconds + step_seconds >= budget_s
+            if state.step >= total_steps or state.stopped_early or out_of_time:
                 break
             tick = time.perf_counter()
         if batches.position == 0:  # the epoch ran to its end
             if not tc.eval_every:
                 best_weights = validate(best_weights)
             title = f"epoch {batches.epoch} · step {state.step}"
-            append_samples(samples_path, title, PROBE_LINES, argmax_lines(model, vocab, PROBE_LINES, device), progress)
+            append_samples(samples_path, title, PROBE_LINES, argmax_lines(kept, vocab, PROBE_LINES, device), progress)
     if bar is not None:
         bar.close()
 
@@ -242,10 +273,10 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
         best_weights = validate(best_weights)  # the last steps were never validated
     final_train_loss = next((t for _, t, _ in reversed(state.history) if t is not None), None)
     if best_weights is not None:
-        model.load_state_dict(best_weights)
-    save_labeller(model, vocab, config, model_dir)
+        kept.load_state_dict(best_weights)
+    save_labeller(kept, vocab, config, model_dir)
     append_samples(samples_path, f"final · best weights (step {state.best_step or state.step})", PROBE_LINES,
-                   argmax_lines(model, vocab, PROBE_LINES, device), progress)
+                   argmax_lines(kept, vocab, PROBE_LINES, device), progress)
     all_tokens, all_step_seconds = state.tokens + tokens, state.train_seconds + step_seconds
     metrics = {
         "steps": state.step,
@@ -255,6 +286,7 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
         "best_step": state.best_step,
         "final_train_loss": final_train_loss,
         "stopped_early": state.stopped_early,
+        "out_of_time": out_of_time,
         "tokens_per_s": round(tokens / step_seconds, 1) if step_seconds else None,  # this call's steps
         "tokens_per_s_overall": round(all_tokens / all_step_seconds, 1) if all_step_seconds else None,
         "seconds": round(state.seconds + time.perf_counter() - started, 2),

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from couplet.config import ModelConfig  # noqa: E402
 from couplet.data import LengthBucketBatches, load_split, read_manifest  # noqa: E402
-from couplet.model import CoupletLabeller  # noqa: E402
+from couplet.model import MODEL_KINDS, CoupletLabeller, build_labeller  # noqa: E402
 from couplet.train import make_optimizer, train_step  # noqa: E402
 from couplet.vocab import PAD  # noqa: E402
 
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="CPU bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kind", choices=sorted(MODEL_KINDS), default="gated_cnn", help="model.kind")
     args = ap.parse_args()
 
     if args.threads:
@@ -85,7 +86,7 @@ def main() -> None:
         buckets = synthetic_buckets(vocab_size, [int(x) for x in args.lengths.split(",")], rows=4096)
     batches = LengthBucketBatches(buckets, args.batch_size, seed=0)
 
-    model = CoupletLabeller(vocab_size, ModelConfig()).to(device)
+    model = build_labeller(vocab_size, ModelConfig(kind=args.kind)).to(device)
     if args.adam == "fused":
         optimizer = make_optimizer(model, 1e-3)
     else:

@@ -53,7 +53,7 @@ def test_sections_are_frozen_and_refuse_unknown_keys():
     cfg = Config()
     with pytest.raises(pydantic.ValidationError):
         cfg.train.max_steps = 3
-    with pytest.raises(ConfigError, match=r"^unknown config key decode.top_k \(known: constrained, tone\)$"):
+    with pytest.raises(ConfigError, match=r"^unknown config key decode.top_k \(known: constrained, tone, lm_weight, beam_size\)$"):
         config_from_dict({"decode": {"top_k": 3}})
 
 
