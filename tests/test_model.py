@@ -188,3 +188,70 @@ def test_damaged_weights_are_a_one_line_error_naming_the_file(tmp_path):
         load_labeller(tmp_path / "m")
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{weights} is damaged (") and "couplet run --force train" in message
+
+
+# --------------------------------------------------------------------------- model kinds
+
+
+def test_refine_kind_labels_every_position_and_its_eval_loss_is_the_final_pass():
+    from couplet.model import RefiningLabeller, build_labeller
+
+    torch.manual_seed(0)
+    model = build_labeller(50, SMALL.model_copy(update={"kind": "refine", "refine_blocks": 2}))
+    assert isinstance(model, RefiningLabeller) and len(model.refine_blocks) == 2
+    ids, targets = torch.randint(2, 50, (3, 7)), torch.randint(2, 50, (3, 7))
+    assert model(ids)[0].shape == (3, 7, 50) and model.log_probs(ids).shape == (3, 7, 50)
+    model.eval()
+    with torch.no_grad():
+        _, final = model(ids, targets)
+        logp = model.log_probs(ids)
+    expected = -logp.gather(2, targets.unsqueeze(2)).squeeze(2).mean()
+    torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-6)
+    model.train()
+    _, both = model(ids, targets)  # training adds the draft's loss
+    both.backward()
+    assert both.item() > final.item() and model.embedding.weight.grad is not None
+    assert model.draft_embedding.weight.grad is not None and model.refine_head.weight.grad is not None
+
+
+def test_refine_pad_positions_do_not_leak():
+    from couplet.model import build_labeller
+
+    torch.manual_seed(0)
+    model = build_labeller(50, SMALL.model_copy(update={"kind": "refine"})).eval()
+    with torch.no_grad():
+        model.embedding.weight[PAD] = 100.0
+        model.draft_embedding.weight[PAD] = 100.0
+        torch.testing.assert_close(model(torch.tensor([[5, 6, 7, PAD]]))[0][:, :3], model(torch.tensor([[5, 6, 7]]))[0])
+
+
+def test_each_kind_saves_and_loads_with_its_kind(tmp_path):
+    from couplet.config import replace
+    from couplet.model import MODEL_KINDS, build_labeller
+
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    ids = torch.tensor([vocab.encode(PAIRS[0][0])])
+    for kind, cls in MODEL_KINDS.items():
+        config = replace(Config(model=SMALL), "model", kind=kind)
+        model = build_labeller(len(vocab), config.model).eval()
+        save_labeller(model, vocab, config, tmp_path / kind)
+        loaded, _, loaded_config = load_labeller(tmp_path / kind)
+        assert type(loaded) is cls and loaded_config.model.kind == kind
+        torch.testing.assert_close(loaded.log_probs(ids), model.log_probs(ids))
+
+
+def test_a_folder_without_kind_or_lm_weight_keeps_the_former_defaults(tmp_path):
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    save_labeller(tiny_model(len(vocab)), vocab, Config(model=SMALL), tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    del raw["model"]["kind"], raw["decode"]["lm_weight"], raw["decode"]["beam_size"]  # as an older version wrote it
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    model, _, config = load_labeller(tmp_path / "m")
+    assert type(model) is CoupletLabeller and config.model.kind == "gated_cnn" and config.decode.lm_weight == 0.0
+
+
+def test_unknown_kind_is_a_one_line_config_error():
+    from couplet.config import ConfigError, apply_overrides
+
+    with pytest.raises(ConfigError, match=r"^model\.kind: .*gated_cnn.*refine"):
+        apply_overrides(Config(), ["model.kind=lstm"])

@@ -208,3 +208,57 @@ def test_cpu_bf16_auto_follows_the_cpu_and_forcing_it_warns(monkeypatch, caplog)
     assert "without native bf16" in record.getMessage() and "x slower than fp32" in record.getMessage()
     monkeypatch.setattr(train_mod, "native_cpu_bf16", lambda: True)
     assert train_mod.resolve_cpu_bf16("auto") is True
+
+
+# --------------------------------------------------------------------------- schedule, weight average, budget
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from couplet.train import lr_factor
+
+    tc = replace(Config(), "train", lr_schedule="cosine", warmup_steps=10).train
+    factors = [lr_factor(tc, step, 110, 0.0) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0) and factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[110] == pytest.approx(0.0, abs=1e-12)
+    assert factors[60] == pytest.approx(0.5)
+    timed = replace(Config(), "train", lr_schedule="cosine", max_minutes=1.0).train  # the time budget counts as progress
+    assert lr_factor(timed, 1, 10_000, 30.0) == pytest.approx(0.5, abs=1e-3)
+    assert lr_factor(replace(Config(), "train").train, 5, 10, 0.0) == 1.0
+
+
+def test_refine_kind_with_cosine_and_ema_trains_resumes_and_loads(build, tmp_path):
+    config = replace(small_config(max_steps=12, eval_every=4, patience=100, lr_schedule="cosine", warmup_steps=3,
+                                  ema_decay=0.9), "model", kind="refine", refine_blocks=1)
+    full = train_labeller(build, config, tmp_path / "full", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train_labeller(build, config, tmp_path / "cut", progress=False, stop_after=7)  # last checkpoint: step 5
+    resumed = train_labeller(build, config, tmp_path / "cut", progress=False)
+    assert resumed["resumed_from"] == 5 and resumed["steps"] == full["steps"] == 12
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert "refine_head.weight" in a  # the saved weights are the average's, of the refine kind
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+    model, _, loaded = load_labeller(tmp_path / "full")
+    assert loaded.model.kind == "refine" and loaded.train.ema_decay == 0.9
+
+
+def test_ema_weights_are_what_is_saved(build, tmp_path):
+    config = small_config(max_steps=5, eval_every=5, patience=100, ema_decay=0.5)  # one validation, at the last checkpoint
+    train_labeller(build, config, tmp_path / "m", progress=False)
+    last = torch.load(tmp_path / "m" / "checkpoints" / "last.pt", weights_only=True)
+    saved = load_file(tmp_path / "m" / "model.safetensors")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    raw = last["model"]
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)  # the validated weights are the average
+    assert not all(torch.equal(saved[k], raw[k]) for k in saved)
+
+
+def test_max_minutes_ends_training_early_and_keeps_a_model(build, tmp_path, monkeypatch):
+    import couplet.train as train_module
+
+    clock = iter(range(0, 10**6, 30))  # every perf_counter call: 30 s later
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    summary = train_labeller(build, small_config(epochs=50, max_minutes=1.0), tmp_path / "m", progress=False)
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["out_of_time"] and summary["steps"] < 50 * metrics["steps_per_epoch"]
+    assert (tmp_path / "m" / "model.safetensors").is_file() and metrics["best_valid_loss"] is not None
