@@ -132,3 +132,32 @@ def test_cpu_bf16_is_auto_true_or_false():
     with pytest.raises(ConfigError) as info:
         apply_overrides(Config(), ["train.cpu_bf16=maybe"])
     assert str(info.value) == "train.cpu_bf16: expected auto or true/false, got 'maybe'"
+
+
+def test_configs_seed_yaml_is_the_seed_recipe_whatever_the_defaults():
+    from pathlib import Path
+
+    from couplet.config import load_config
+
+    seed = load_config(Path(__file__).resolve().parents[1] / "configs" / "seed.yaml")
+    m, t = seed.model, seed.train
+    assert (m.kind, m.embed_dim, m.n_blocks, m.kernel_size, m.dropout) == ("gated_cnn", 128, 6, 3, 0.25)
+    assert (t.batch_size, t.lr, t.lr_schedule, t.warmup_steps, t.ema_decay, t.max_len) == (64, 1e-3, "constant", 0, None, 16)
+    assert (t.epochs, t.patience, t.max_minutes) == (10, 3, None) and seed.data.min_count == 2
+    assert seed.decode.lm_weight == 0.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.kind=lstm", r"^model\.kind: .*'gated_cnn' or 'refine'"),
+        ("decode.lm_weight=-0.5", r"^decode\.lm_weight: .*greater than or equal to 0"),
+        ("train.ema_decay=1.5", r"^train\.ema_decay: .*less than 1"),
+        ("train.lr_schedule=linear", r"^train\.lr_schedule: .*'constant' or 'cosine'"),
+        ("train.max_minutes=0", r"^train\.max_minutes: .*greater than 0"),
+    ],
+)
+def test_new_fields_refuse_bad_values_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        apply_overrides(Config(), [override])
+    assert "\n" not in str(info.value)
