@@ -31,7 +31,8 @@ class ModelFiles:
     metrics: str = "metrics.json"  # training curve and summary; evaluate adds "test"
     samples: str = "samples.md"  # probe outputs during training; evaluate adds its samples
     curve: str = "curve.png"
-    lm: str = "lm.npz"  # the lower-line bigram LM for decode.lm_weight (couplet/lm.py)
+    lm: str = "lm.npz"  # the lower-line bigram LM for decode.lm_weight (couplet/lm.py), written by train
+    decode: str = "decode.json"  # the decoding settings evaluate scored with; answering uses them (over config.json's)
     train_manifest: str = "train.json"  # written last by the train stage
     evaluate_manifest: str = "evaluation.json"  # written last by the evaluate stage
 

@@ -242,6 +242,8 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         fingerprint = fingerprint_pairs(uppers, references, config.evaluate.max_eval)  # of the whole split
         if config.evaluate.max_eval is not None:
             uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
+        # the decoding settings this evaluation scores are the folder's from now on (match/serve answer with them)
+        atomic_write_json(folder / MODEL_FILES.decode, config.decode.model_dump())
         predictor = Predictor.load(folder)
         decoding = {"constrained": config.decode.constrained, "tone": config.decode.tone}
         metrics, predictions = evaluate_pairs(predictor, uppers, references, **decoding)
@@ -271,4 +273,4 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
 
     with hold_lock(home, f"models/{trained['run_id']}"):  # metrics.json and samples.md are rewritten
         return run_cached("evaluate", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.evaluate_manifest,
-                          outputs=(MODEL_FILES.metrics, MODEL_FILES.samples), in_place=True)
+                          outputs=(MODEL_FILES.metrics, MODEL_FILES.samples, MODEL_FILES.decode), in_place=True)

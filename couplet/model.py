@@ -170,6 +170,12 @@ def load_labeller(model_dir: str | Path, device: str = "cpu") -> tuple[CoupletLa
     for section, values in _FORMER_DEFAULTS.items():
         if isinstance(raw.get(section), dict):
             raw[section] = {**values, **raw[section]}
+    decode_path = model_dir / MODEL_FILES.decode
+    if decode_path.is_file():  # evaluate's settings: what the folder was scored with is how it answers
+        try:
+            raw["decode"] = {**raw.get("decode", {}), **json.loads(decode_path.read_text(encoding="utf-8"))}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{decode_path} is damaged ({exc}): re-evaluate (couplet run --force evaluate) or delete it") from None
     config = config_from_dict(raw, drop_unknown=True)  # a folder from another version may hold fields since removed
     vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
     if len(vocab) != vocab_size:

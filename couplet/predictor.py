@@ -41,7 +41,7 @@ class ModelNotFoundError(FileNotFoundError):
 @dataclass(frozen=True)
 class Candidate:
     lower: str
-    score: float  # total log-probability of the line under the model
+    score: float  # total log-probability of the line under the model (+ decode.lm_weight × the LM's when fused)
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,14 @@ def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
 class Predictor:
     """A loaded labeller plus its vocabulary; answers upper lines with decoded lower lines."""
 
-    def __init__(self, model, vocab: Vocab, config: Config | None = None, *, model_id: str = "unknown", device: str = "cpu"):
+    def __init__(self, model, vocab: Vocab, config: Config | None = None, *, model_id: str = "unknown", device: str = "cpu",
+                 lm=None):
         self.model = model
         self.vocab = vocab
         self.config = config if config is not None else Config()
         self.model_id = model_id
         self.device = device
+        self.lm = lm  # a couplet.lm.CharBigramLM, fused into decoding when config.decode.lm_weight > 0
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "cpu", num_threads: int | None = None) -> "Predictor":
@@ -121,7 +123,16 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         model, vocab, config = load_labeller(path, device=device)
-        return cls(model, vocab, config, model_id=path.resolve().name, device=device)
+        lm = None
+        if config.decode.lm_weight > 0:
+            from couplet.lm import CharBigramLM
+
+            lm_path = path / MODEL_FILES.lm
+            if not lm_path.is_file():
+                raise ValueError(f"decode.lm_weight is {config.decode.lm_weight:g} but {lm_path} is missing: "
+                                 "retrain (couplet run --force train) or set decode.lm_weight=0")
+            lm = CharBigramLM.load(lm_path, vocab_size=len(vocab))
+        return cls(model, vocab, config, model_id=path.resolve().name, device=device, lm=lm)
 
     @property
     def max_len(self) -> int:
@@ -180,7 +191,14 @@ class Predictor:
         return options if options is not None else DecodeOptions.from_flags(constrained=constrained, tone=tone)
 
     def _result(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions) -> MatchResult:
-        res = decode(upper, log_probs, self.vocab, top_k=top_k, options=options)
+        settings = self.config.decode
+        if settings.lm_weight > 0 and self.lm is not None:
+            from couplet.beam import beam_decode
+
+            res = beam_decode(upper, log_probs, self.vocab, top_k=top_k, options=options, lm=self.lm,
+                              lm_weight=settings.lm_weight, beam_size=max(settings.beam_size, top_k))
+        else:
+            res = decode(upper, log_probs, self.vocab, top_k=top_k, options=options)
         return MatchResult(
             upper=upper,
             candidates=[Candidate(lower, score) for lower, score in res.candidates],

@@ -305,6 +305,15 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
     return {"model_dir": str(model_dir), **{k: metrics[k] for k in ("steps", "epochs", "best_valid_loss", "tokens_per_s", "seconds", "device", "resumed_from")}}
 
 
+def fit_lower_line_lm(build_dir: Path, model_dir: Path) -> None:
+    """The lower-line bigram LM of the build's train split, for decode.lm_weight: model_dir/lm.npz (a few seconds)."""
+    from couplet.build import read_split_text
+    from couplet.lm import CharBigramLM
+
+    vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
+    CharBigramLM.fit(read_split_text(build_dir, "train")[1], vocab).save(model_dir / MODEL_FILES.lm)
+
+
 # --------------------------------------------------------------------------- stage 4
 
 
@@ -316,6 +325,7 @@ def run_train(built: dict, config: Config, home: Path, force: bool = False, prog
 
     def produce(folder: Path) -> dict:
         summary = train_labeller(Path(built["build_dir"]), config, folder, progress=progress)
+        fit_lower_line_lm(Path(built["build_dir"]), folder)
         return {
             "run_id": run_id,
             "model": str(model_dir),
@@ -328,4 +338,4 @@ def run_train(built: dict, config: Config, home: Path, force: bool = False, prog
         if force:
             shutil.rmtree(model_dir / MODEL_FILES.checkpoints, ignore_errors=True)
         return run_cached("train", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.train_manifest,
-                          outputs=MODEL_FILES.required, in_place=True)
+                          outputs=(*MODEL_FILES.required, MODEL_FILES.lm), in_place=True)

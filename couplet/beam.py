@@ -1,0 +1,222 @@
+"""Beam search over positions with a lower-line LM fused in (shallow fusion), under the couplet constraints.
+
+`couplet.decode.decode` is exact because a line's score splits into independent per-group terms. A
+character bigram LM (`couplet.lm.CharBigramLM`) couples neighbouring positions, so `beam_decode` searches
+left to right instead, ranking hypotheses by
+
+    score = model log-prob + lm_weight · LM log-prob.
+
+A hypothesis holds the characters chosen so far and, per repetition group (positions sharing an upper
+character), the group's lower character. Every rule of `decode` (see docs/decoding.md) holds as
+positions are filled: PAD/UNK never; `punctuation` copies the mark (also one missing from the
+vocabulary) and keeps marks elsewhere out; `no_copy`; `repetition` (a group's later positions are forced
+to its character; a new group's character differs from every other group's); `tone` (the final
+position's group allows only 平 characters when the upper line ends 仄). A group's model log-prob for
+ALL its positions is added when its character is chosen, so the model part is exact from then on; the
+LM part accrues position by position.
+
+Each step keeps the `beam_size` best expansions over every hypothesis × character (one vectorised
+(beam, V) pass), so the per-row candidates are implicitly that hypothesis's best beam_size + (number of
+groups) characters minus those other groups use. The exact model-only k-best of `decode` join the
+beam's finalists before the final ranking: fusion then never returns something the fused score ranks
+below decode's answers, and a beam that pruned itself into a dead end (tiny vocabularies) does not
+force a relaxation. Without an LM (or with lm_weight 0) `beam_decode` is `decode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from couplet.decode import (
+    _RELAX_ORDER,
+    CONSTRAINED,
+    ZE,
+    DecodeOptions,
+    DecodeResult,
+    _decode_once,
+    _tables,
+    _VocabTables,
+    decode,
+    final_position,
+    final_tone,
+)
+from couplet.lm import CharBigramLM
+from couplet.punct import is_punct
+from couplet.vocab import PAD, UNK, Vocab
+
+__all__ = ["beam_decode", "fused_score"]
+
+NEG_INF = -np.inf
+
+
+@dataclass
+class _Plan:
+    """The line's groups and their masked score rows, built exactly as `decode` builds them."""
+
+    group_of: list[int]  # position -> group
+    fixed: dict[int, str]  # group -> punctuation mark copied there
+    scores: np.ndarray  # (groups, V) float64: summed log-probs of the group's positions, disallowed = -inf
+    distinct: bool  # different free groups must get different characters
+    applied: list[str]
+
+
+def _plan(upper: str, lp: np.ndarray, tables: _VocabTables, options: DecodeOptions) -> _Plan:
+    applied: list[str] = []
+    if options.repetition:
+        index: dict[str, int] = {}
+        group_of = [index.setdefault(ch, len(index)) for ch in upper]
+        group_chars = list(index)
+    else:
+        group_of = list(range(len(upper)))
+        group_chars = list(upper)
+    scores = np.zeros((len(group_chars), tables.size), dtype=np.float64)
+    for i, g in enumerate(group_of):
+        scores[g] += lp[i]
+    scores[:, [PAD, UNK]] = NEG_INF
+    fixed: dict[int, str] = {}
+    if options.punctuation:
+        applied.append("punctuation")
+        fixed = {g: ch for g, ch in enumerate(group_chars) if is_punct(ch)}
+        if tables.punct_ids.size:
+            scores[:, tables.punct_ids] = NEG_INF
+    if options.no_copy:
+        applied.append("no_copy")
+        for g, ch in enumerate(group_chars):
+            if g not in fixed and ch in tables.stoi:
+                scores[g, tables.stoi[ch]] = NEG_INF
+    if options.repetition:
+        applied.append("repetition")
+    if options.tone and final_tone(upper) == ZE:
+        g = group_of[final_position(upper)]
+        if g not in fixed:
+            scores[g] += tables.ping_penalty
+            applied.append("tone")
+    n_free = len(group_chars) - len(fixed)
+    return _Plan(group_of, fixed, scores, options.repetition and n_free > 1, applied)
+
+
+def _top(row: np.ndarray, n: int) -> np.ndarray:
+    """Ids of the row's n best finite entries, best first."""
+    n = min(n, row.size)
+    idx = np.argpartition(-row, n - 1)[:n] if n < row.size else np.arange(row.size)
+    idx = idx[np.isfinite(row[idx])]
+    return idx[np.argsort(-row[idx], kind="stable")]
+
+
+def _beam_search(
+    lp: np.ndarray, plan: _Plan, stoi: dict[str, int], lm: CharBigramLM | None, lm_weight: float, beam_size: int
+) -> list[np.ndarray]:
+    """The surviving hypotheses' id rows (an out-of-vocabulary copied mark is UNK), best first."""
+    length, n_groups = len(plan.group_of), plan.scores.shape[0]
+    weight = lm_weight if lm is not None else 0.0
+    n_candidates = beam_size + n_groups  # other groups use at most n_groups - 1 of them
+    ids = np.zeros((1, length), dtype=np.int64)
+    group_char = np.full((1, n_groups), -1, dtype=np.int64)
+    model = np.zeros(1)
+    lm_score = np.zeros(1)
+    for i, g in enumerate(plan.group_of):
+        n = ids.shape[0]
+        prev = ids[:, i - 1] if i else np.full(n, lm.bos if lm is not None else 0)
+        if g in plan.fixed or group_char[0, g] >= 0:  # a copied mark, or a repeated group's (scored) character
+            if g in plan.fixed:
+                chosen = np.full(n, stoi.get(plan.fixed[g], UNK), dtype=np.int64)
+                model = model + (lp[i, chosen[0]] if chosen[0] != UNK else 0.0)
+            else:
+                chosen = group_char[:, g].copy()
+            if weight and chosen[0] != UNK:
+                lm_score = lm_score + lm.pair_log_probs(prev, chosen)
+        else:  # a new group: the beam_size best (hypothesis, candidate) expansions
+            cand = _top(plan.scores[g], n_candidates)
+            if cand.size == 0:
+                return []
+            total = (model + weight * lm_score)[:, None] + plan.scores[g][cand][None, :]
+            if weight:
+                lm_next = lm.pair_log_probs(np.repeat(prev, cand.size), np.tile(cand, n)).reshape(n, cand.size)
+                total += weight * lm_next
+            if plan.distinct:
+                total[(cand[None, :, None] == group_char[:, None, :]).any(axis=2)] = NEG_INF
+            flat = total.ravel()
+            keep = min(beam_size, int(np.isfinite(flat).sum()))
+            if keep == 0:
+                return []
+            best = _top(flat, keep)
+            parent, j = np.divmod(best, cand.size)
+            chosen = cand[j]
+            ids, group_char = ids[parent], group_char[parent]
+            group_char[:, g] = chosen
+            model = model[parent] + plan.scores[g][chosen]
+            lm_score = lm_score[parent] + (lm_next[parent, j] if weight else 0.0)
+        ids[:, i] = chosen
+    order = np.argsort(-(model + weight * lm_score), kind="stable")
+    return [ids[b] for b in order]
+
+
+def _text(plan: _Plan, vocab: Vocab, row: np.ndarray) -> str:
+    """A hypothesis' line: the copied mark at fixed positions (in the vocabulary or not), else the ids' characters."""
+    return "".join(plan.fixed.get(g, "") or vocab.itos[int(c)] for g, c in zip(plan.group_of, row))
+
+
+def fused_score(line: str, lp: np.ndarray, vocab: Vocab, lm: CharBigramLM | None, lm_weight: float) -> float:
+    """model log-prob + lm_weight · LM log-prob of `line`, in float64 (a mark outside the vocabulary adds 0)."""
+    ids = [vocab.stoi.get(ch, UNK) for ch in line]
+    model = sum(float(lp[i, c]) for i, c in enumerate(ids) if c != UNK)
+    if lm is None or lm_weight == 0:
+        return model
+    return model + lm_weight * lm.ids_log_prob(ids)
+
+
+def beam_decode(
+    upper: str,
+    log_probs: np.ndarray,
+    vocab: Vocab,
+    *,
+    top_k: int = 1,
+    options: DecodeOptions = CONSTRAINED,
+    lm: CharBigramLM | None = None,
+    lm_weight: float = 0.0,
+    beam_size: int = 8,
+) -> DecodeResult:
+    """The `top_k` best lower lines for `upper` by model log-prob + `lm_weight` · LM log-prob (the candidates'
+    scores), under `options`; relaxes constraints like `decode` when nothing satisfies them all.
+
+    The beam is at least `top_k` wide. With `lm=None` or `lm_weight=0` this is `decode` (exact).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if lm_weight < 0:
+        raise ValueError(f"lm_weight must be >= 0, got {lm_weight}")
+    if lm is None or lm_weight == 0:
+        return decode(upper, log_probs, vocab, top_k=top_k, options=options)
+    if lm.vocab_size != len(vocab):
+        raise ValueError(f"the LM has a vocabulary of {lm.vocab_size} characters, the model's has {len(vocab)}")
+    lp = np.asarray(log_probs)
+    if lp.ndim != 2 or lp.shape[0] < len(upper) or lp.shape[1] != len(vocab):
+        raise ValueError(
+            f"log_probs must have shape (>= {len(upper)}, {len(vocab)}) for this line and vocabulary, got {lp.shape}"
+        )
+    if not upper:
+        return DecodeResult(candidates=[("", 0.0)], constraints=[])
+    lp = lp[: len(upper)]
+    tables = _tables(vocab)
+    relaxed: list[str] = []
+    current = options
+    while True:
+        plan = _plan(upper, lp, tables, current)
+        found = _beam_search(lp, plan, tables.stoi, lm, lm_weight, max(beam_size, top_k))
+        finalists = [_text(plan, vocab, row) for row in found]
+        exact, _ = _decode_once(upper, lp, tables, top_k, current, 20000)
+        pool = list(dict.fromkeys([*finalists, *(line for line, _ in exact)]))
+        if pool:
+            scored = sorted(((line, fused_score(line, lp, vocab, lm, lm_weight)) for line in pool),
+                            key=lambda item: -item[1])
+            return DecodeResult(candidates=scored[:top_k], constraints=plan.applied, relaxed=relaxed)
+        still_on = [name for name in _RELAX_ORDER if getattr(current, name)]
+        if not still_on:
+            return DecodeResult(candidates=[], constraints=plan.applied, relaxed=relaxed)
+        relaxed.append(still_on[0])
+        current = replace(current, **{still_on[0]: False})
+

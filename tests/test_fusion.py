@@ -1,0 +1,76 @@
+"""The lower-line LM in the pipeline: the train stage writes it, evaluate records the decoding settings it
+scored with, and a model folder answers with them (beam search with the LM fused when decode.lm_weight > 0)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from shardkit import make_build_dir
+
+from couplet.catalog import MODEL_FILES
+from couplet.config import Config, replace
+from couplet.evaluate import run_evaluate
+from couplet.lm import CharBigramLM
+from couplet.model import build_labeller, load_labeller, save_labeller
+from couplet.predictor import Predictor
+from couplet.train import fit_lower_line_lm
+from couplet.vocab import Vocab
+
+TRAIN = [("晚风摇树", "晨露润花"), ("春来江水", "秋至海山"), ("山高月小", "水落石出"), ("一帆风顺", "万事如意")] * 3
+TEST = [("春来风顺", "月小风清"), ("春风得意", "秋水无痕")]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A refine-kind model folder with its LM, as the train stage leaves it."""
+    build = make_build_dir(tmp_path, TRAIN, valid_pairs=TEST, test_pairs=TEST)
+    vocab = Vocab.load(build / "vocab.json")
+    config = replace(Config(), "model", kind="refine", embed_dim=16, n_blocks=1, refine_blocks=1)
+    model_dir = tmp_path / "home" / "models" / "run-1"
+    torch.manual_seed(0)
+    save_labeller(build_labeller(len(vocab), config.model), vocab, config, model_dir)
+    fit_lower_line_lm(build, model_dir)
+    return build, model_dir, config
+
+
+def test_train_stage_lm_is_fitted_on_the_train_lower_lines(folder):
+    build, model_dir, _ = folder
+    vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
+    lm = CharBigramLM.load(model_dir / MODEL_FILES.lm, vocab_size=len(vocab))
+    assert lm.line_log_prob("水落石出", vocab) > lm.line_log_prob("出石落水", vocab)
+
+
+def test_evaluate_records_its_decoding_and_the_folder_answers_with_it(folder, tmp_path):
+    build, model_dir, config = folder
+    fused = replace(config, "decode", lm_weight=0.5, beam_size=4)
+    trained = {"key": "train-key", "model": str(model_dir), "run_id": "run-1"}
+    run_evaluate(trained, {"build_dir": str(build)}, fused, tmp_path / "home")
+    assert json.loads((model_dir / MODEL_FILES.decode).read_text())["lm_weight"] == 0.5
+    assert json.loads((model_dir / MODEL_FILES.config).read_text())["decode"]["lm_weight"] == 0.0  # train's, untouched
+
+    predictor = Predictor.load(model_dir)
+    assert predictor.config.decode.lm_weight == 0.5 and predictor.lm is not None
+    answer = predictor.match("春来风顺", top_k=3)
+    assert len(answer.candidates) == 3 and all(len(c.lower) == 4 for c in answer.candidates)
+    plain = Predictor(predictor.model, predictor.vocab, replace(predictor.config, "decode", lm_weight=0.0))
+    lp = predictor.log_probs(["春来风顺"])[0]
+    # the fused score is the model's plus lm_weight times the LM's: recompute it for the best line
+    best = answer.candidates[0]
+    model_score = sum(float(lp[i, predictor.vocab.stoi[ch]]) for i, ch in enumerate(best.lower))
+    assert best.score == pytest.approx(model_score + 0.5 * predictor.lm.line_log_prob(best.lower, predictor.vocab), abs=1e-4)
+    assert plain.match("春来风顺").candidates[0].score == pytest.approx(
+        sum(float(lp[i, predictor.vocab.stoi[ch]]) for i, ch in enumerate(plain.match("春来风顺").best)), abs=1e-4)
+
+
+def test_lm_weight_without_an_lm_is_a_one_line_error(folder):
+    _, model_dir, _ = folder
+    (model_dir / MODEL_FILES.lm).unlink()
+    (model_dir / MODEL_FILES.decode).write_text(json.dumps({"lm_weight": 0.3}))
+    with pytest.raises(ValueError, match=r"decode\.lm_weight is 0\.3 but .*lm\.npz is missing") as info:
+        Predictor.load(model_dir)
+    assert "\n" not in str(info.value)
+    (model_dir / MODEL_FILES.decode).write_text("{not json")
+    with pytest.raises(ValueError, match=r"decode\.json is damaged"):
+        load_labeller(model_dir)
