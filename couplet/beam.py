@@ -25,12 +25,11 @@ force a relaxation. Without an LM (or with lm_weight 0) `beam_decode` is `decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from couplet.decode import (
-    _RELAX_ORDER,
     CONSTRAINED,
     ZE,
     DecodeOptions,
@@ -38,9 +37,11 @@ from couplet.decode import (
     _decode_once,
     _tables,
     _VocabTables,
+    checked_log_probs,
     decode,
     final_position,
     final_tone,
+    search_relaxing,
 )
 from couplet.lm import CharBigramLM
 from couplet.punct import is_punct
@@ -193,30 +194,19 @@ def beam_decode(
         return decode(upper, log_probs, vocab, top_k=top_k, options=options)
     if lm.vocab_size != len(vocab):
         raise ValueError(f"the LM has a vocabulary of {lm.vocab_size} characters, the model's has {len(vocab)}")
-    lp = np.asarray(log_probs)
-    if lp.ndim != 2 or lp.shape[0] < len(upper) or lp.shape[1] != len(vocab):
-        raise ValueError(
-            f"log_probs must have shape (>= {len(upper)}, {len(vocab)}) for this line and vocabulary, got {lp.shape}"
-        )
+    lp = checked_log_probs(upper, log_probs, vocab)
     if not upper:
         return DecodeResult(candidates=[("", 0.0)], constraints=[])
-    lp = lp[: len(upper)]
     tables = _tables(vocab)
-    relaxed: list[str] = []
-    current = options
-    while True:
+
+    def attempt(current: DecodeOptions) -> tuple[list[tuple[str, float]], list[str]]:
         plan = _plan(upper, lp, tables, current)
         found = _beam_search(lp, plan, tables.stoi, lm, lm_weight, max(beam_size, top_k))
         finalists = [_text(plan, vocab, row) for row in found]
         exact, _ = _decode_once(upper, lp, tables, top_k, current, 20000)
         pool = list(dict.fromkeys([*finalists, *(line for line, _ in exact)]))
-        if pool:
-            scored = sorted(((line, fused_score(line, lp, vocab, lm, lm_weight)) for line in pool),
-                            key=lambda item: -item[1])
-            return DecodeResult(candidates=scored[:top_k], constraints=plan.applied, relaxed=relaxed)
-        still_on = [name for name in _RELAX_ORDER if getattr(current, name)]
-        if not still_on:
-            return DecodeResult(candidates=[], constraints=plan.applied, relaxed=relaxed)
-        relaxed.append(still_on[0])
-        current = replace(current, **{still_on[0]: False})
+        scored = sorted(((line, fused_score(line, lp, vocab, lm, lm_weight)) for line in pool), key=lambda item: -item[1])
+        return scored[:top_k], plan.applied
+
+    return search_relaxing(options, attempt)
 

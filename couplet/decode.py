@@ -436,19 +436,30 @@ def decode(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    lp = checked_log_probs(upper, log_probs, vocab)
+    if not upper:
+        return DecodeResult(candidates=[("", 0.0)], constraints=[])
+    tables = _tables(vocab)
+    return search_relaxing(options, lambda current: _decode_once(upper, lp, tables, top_k, current, max_pops))
+
+
+def checked_log_probs(upper: str, log_probs: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """`log_probs` as an array of the line's rows; a ValueError unless its shape is (>= len(upper), len(vocab))."""
     lp = np.asarray(log_probs)
     if lp.ndim != 2 or lp.shape[0] < len(upper) or lp.shape[1] != len(vocab):
         raise ValueError(
             f"log_probs must have shape (>= {len(upper)}, {len(vocab)}) for this line and vocabulary, got {lp.shape}"
         )
-    if not upper:
-        return DecodeResult(candidates=[("", 0.0)], constraints=[])
-    lp = lp[: len(upper)]
-    tables = _tables(vocab)
+    return lp[: len(upper)]
+
+
+def search_relaxing(options: DecodeOptions, attempt) -> DecodeResult:
+    """`attempt(options) -> (candidates, constraints applied)`, retried with constraints dropped in `_RELAX_ORDER`
+    while it finds nothing; the dropped ones are listed in `DecodeResult.relaxed`."""
     relaxed: list[str] = []
     current = options
     while True:
-        candidates, applied = _decode_once(upper, lp, tables, top_k, current, max_pops)
+        candidates, applied = attempt(current)
         if candidates:
             return DecodeResult(candidates=candidates, constraints=applied, relaxed=relaxed)
         still_on = [name for name in _RELAX_ORDER if getattr(current, name)]

@@ -28,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_baseline import COLUMNS  # noqa: E402  (the same metric columns as the baseline's table)
 
 SEED_ONLY = ["train.epochs=100", "train.patience=3"]  # the budget ends a run, or early stopping does
 COSINE_EMA = ["train.lr_schedule=cosine", "train.warmup_steps=500", "train.ema_decay=0.999"]
@@ -40,17 +43,6 @@ VARIANTS: dict[str, list[str]] = {
     "deep-cosine-ema": ["model.n_blocks=10", *COSINE_EMA],
     "dropout-cosine-ema": ["model.dropout=0.4", *COSINE_EMA],
 }
-COLUMNS = [
-    ("ideograph_accuracy", "ideograph acc", "{:.3f}"),
-    ("char_accuracy", "char acc", "{:.3f}"),
-    ("exact_match", "exact", "{:.3f}"),
-    ("bleu", "BLEU", "{:.2f}"),
-    ("length_match", "length", "{:.3f}"),
-    ("punct_match", "punct", "{:.3f}"),
-    ("repetition_match", "repetition", "{:.3f}"),
-    ("copy_rate", "copy", "{:.3f}"),
-    ("tone_rate", "tone", "{:.3f}"),
-]
 
 
 def cpu_name() -> str:
