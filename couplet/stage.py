@@ -10,7 +10,8 @@ changes the key of exactly the stages whose code runs it; comments and formattin
 parsed syntax tree is hashed, not the text).
 
 `run_cached` reuses the output folder when its manifest carries the same key and every file the
-manifest lists still has its recorded size; otherwise it calls `produce` to write the outputs —
+manifest lists still has its recorded size and SHA-256 (and Parquet files a readable footer);
+otherwise it calls `produce` to write the outputs —
 into a temporary folder renamed into place (data stages), or in place with the manifest written
 last (train, which resumes from checkpoints, and evaluate, which writes into the model folder).
 """
@@ -98,15 +99,54 @@ def _file_sizes(folder: Path, names: Iterable[str]) -> dict[str, int]:
     return {name: (folder / name).stat().st_size for name in names}
 
 
-def outputs_intact(folder: Path, manifest: dict) -> bool:
-    """Every output the manifest lists is there with its recorded size."""
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _parquet_footer_error(path: Path) -> str | None:
+    import pyarrow.parquet as pq  # only stages that wrote Parquet pay for the import
+
+    try:
+        pq.read_metadata(path)
+    except Exception as exc:  # ArrowInvalid, OSError: whatever pyarrow says, the footer is unreadable
+        return f"unreadable Parquet footer ({' '.join(str(exc).split())[:80]})"
+    return None
+
+
+def damaged_output(folder: Path, manifest: dict) -> str | None:
+    """Why the outputs a manifest lists cannot be trusted, or None when they can.
+
+    Cheap checks, in order: every file is there with its recorded size; every Parquet file's footer
+    reads; every file has its recorded SHA-256 (manifests written before hashes were recorded skip
+    that check).
+    """
     outputs = manifest.get("outputs")
     if not isinstance(outputs, dict) or not outputs:
-        return False
-    try:
-        return all((folder / name).stat().st_size == size for name, size in outputs.items())
-    except OSError:
-        return False
+        return "no outputs recorded"
+    for name, size in outputs.items():
+        try:
+            actual = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} recorded"
+    for name in outputs:
+        if name.endswith(".parquet") and (error := _parquet_footer_error(folder / name)):
+            return f"{name}: {error}"
+    hashes = manifest.get("hashes")
+    for name, digest in (hashes if isinstance(hashes, dict) else {}).items():
+        try:
+            if file_sha256(folder / name) != digest:
+                return f"{name} does not match its recorded SHA-256"
+        except OSError:
+            return f"{name} is unreadable"
+    return None
+
+
+def outputs_intact(folder: Path, manifest: dict) -> bool:
+    """Every output the manifest lists is there, whole and unchanged."""
+    return damaged_output(folder, manifest) is None
 
 
 def run_cached(
@@ -132,16 +172,18 @@ def run_cached(
     started = time.perf_counter() if started is None else started
     manifest = read_json(out_dir / manifest_name)
     if not force and manifest.get("key") == key:
-        if outputs_intact(out_dir, manifest):
+        damage = damaged_output(out_dir, manifest)
+        if damage is None:
             return {**manifest, "status": "cached", "seconds": round(time.perf_counter() - started, 3)}
-        log.warning("%s: the cached output in %s is damaged or incomplete; rebuilding it", stage, out_dir)
+        log.warning("%s: the cached output in %s is damaged (%s); rebuilding it", stage, out_dir, damage)
 
     def finish(folder: Path) -> dict:
         fields = produce(folder)
         names = sorted(outputs) if outputs is not None else sorted(
             str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != manifest_name
         )
-        record = {"key": key, "stage": stage, **fields, "code_version": code_version(stage), "outputs": _file_sizes(folder, names)}
+        record = {"key": key, "stage": stage, **fields, "code_version": code_version(stage), "outputs": _file_sizes(folder, names),
+                  "hashes": {name: file_sha256(folder / name) for name in names}}
         atomic_write_json(folder / manifest_name, record)
         return record
 

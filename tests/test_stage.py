@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 import couplet
 from couplet.catalog import STAGES
-from couplet.stage import code_version, module_closure, run_cached
+from couplet.stage import code_version, damaged_output, module_closure, run_cached
 
 PACKAGE = Path(couplet.__file__).resolve().parent
 
@@ -109,11 +110,52 @@ def test_damaged_or_missing_output_is_a_miss(tmp_path, caplog):
     run_cached("build", "k", out, _producer(calls))
     (out / "out.txt").write_text("hel", encoding="utf-8")  # cut short
     assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"
-    assert [r.getMessage() for r in caplog.records] == [f"build: the cached output in {out} is damaged or incomplete; rebuilding it"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"build: the cached output in {out} is damaged (out.txt has 3 bytes, 5 recorded); rebuilding it"]
     assert (out / "out.txt").read_text(encoding="utf-8") == "hello"
     (out / "out.txt").unlink()
     assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"
     assert len(calls) == 3
+
+
+def test_same_size_edit_is_caught_by_the_hash(tmp_path, caplog):
+    calls: list = []
+    out = tmp_path / "stage"
+    first = run_cached("build", "k", out, _producer(calls))
+    assert set(first["hashes"]) == {"out.txt"}
+    (out / "out.txt").write_text("jello", encoding="utf-8")  # same size, other bytes
+    assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"
+    assert "out.txt does not match its recorded SHA-256" in caplog.records[-1].getMessage()
+    assert (out / "out.txt").read_text(encoding="utf-8") == "hello"
+
+
+def test_unreadable_parquet_footer_is_a_miss(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def produce(folder: Path) -> dict:
+        pq.write_table(pa.table({"x": list(range(100))}), folder / "t.parquet")
+        return {}
+
+    out = tmp_path / "stage"
+    manifest = run_cached("build", "k", out, produce)
+    data = bytearray((out / "t.parquet").read_bytes())
+    data[-8:-4] = b"\xff\xff\xff\x7f"  # footer length out of range; size unchanged
+    (out / "t.parquet").write_bytes(bytes(data))
+    assert damaged_output(out, manifest).startswith("t.parquet: unreadable Parquet footer")
+    assert run_cached("build", "k", out, produce)["status"] == "completed"
+    assert pq.read_table(out / "t.parquet").num_rows == 100
+
+
+def test_manifest_without_hashes_still_reuses(tmp_path):
+    calls: list = []
+    out = tmp_path / "stage"
+    manifest = run_cached("build", "k", out, _producer(calls))
+    manifest.pop("hashes")
+    for field in ("status", "seconds"):
+        manifest.pop(field)
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")  # as an older version wrote it
+    assert run_cached("build", "k", out, _producer(calls))["status"] == "cached"
 
 
 def test_a_failing_stage_leaves_nothing_behind(tmp_path):
