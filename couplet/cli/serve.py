@@ -22,13 +22,41 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+MAX_DEFAULT_WORKERS = 8  # beyond this, more processes mostly add memory (one model copy each)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS has one, else os.cpu_count()."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(cores: int | None = None) -> int:
+    """`--workers` when not given: one server process per usable core, at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(usable_cores() if cores is None else cores, MAX_DEFAULT_WORKERS))
+
+
+def default_threads(workers: int, cores: int | None = None) -> int:
+    """`--threads` when not given: torch CPU threads per process.
+
+    One process (`--workers 1`): 1, as before (a single line is fastest on one thread, and two spin
+    badly when anything else runs). Several: the usable cores shared out, at least 1 each, so the
+    workers together never ask for more threads than there are cores.
+    """
+    if workers <= 1:
+        return 1
+    return max(1, (usable_cores() if cores is None else cores) // workers)
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind. The default serves this machine only; pass e.g. 0.0.0.0 to open it to the network."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
     model: Optional[str] = typer.Option(None, help="Model directory. Default: the champion in models/registry.json, else the latest trained model."),
-    workers: int = typer.Option(1, min=1, max=64, help="Server processes; each loads the model once."),
-    threads: Optional[int] = typer.Option(1, min=1, help="torch CPU threads per process (1 is fastest for single requests; see docs/serving.md)."),
+    workers: Optional[int] = typer.Option(None, min=1, max=64, help=f"Server processes; each loads the model once and batches its own requests. Default: the usable CPU cores, at most {MAX_DEFAULT_WORKERS}; 1 serves in this process."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads per process. Default: 1 with one worker, else the usable cores divided among the workers (at least 1); see docs/serving.md."),
     device: str = typer.Option("cpu", help="torch device for inference."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Answer concurrent requests in batches from one inference thread (fastest), or one by one in the threadpool."),
     http: str = typer.Option("auto", help="uvicorn HTTP parser: auto (httptools if installed) | h11 | httptools."),
@@ -62,7 +90,15 @@ def serve(
         limit_concurrency=1024,  # beyond this, new connections get 503 instead of piling up
         server_header=False,
     )
-    typer.echo(f"couplet: serving {model_dir} on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl+C stops)", err=True)
+    if workers is None:
+        workers = default_workers()
+    if threads is None:
+        threads = default_threads(workers)
+    typer.echo(
+        f"couplet: serving {model_dir} on http://{'[' + host + ']' if ':' in host else host}:{port}/ with "
+        f"{workers} worker{'s' if workers != 1 else ''} ({threads} torch thread{'s' if threads != 1 else ''} each; Ctrl+C stops)",
+        err=True,
+    )
     if workers == 1:
         try:
             predictor = Predictor.load(model_dir, device=device, num_threads=threads)  # once; shared by every request
@@ -80,6 +116,5 @@ def serve(
         os.environ["COUPLET_SERVE_MODEL"] = str(model_dir)
         os.environ["COUPLET_SERVE_DEVICE"] = device
         os.environ["COUPLET_SERVE_BATCHING"] = "1" if batching else "0"
-        if threads:
-            os.environ["COUPLET_SERVE_THREADS"] = str(threads)
+        os.environ["COUPLET_SERVE_THREADS"] = str(threads)
         uvicorn.run("couplet.serving.app:app_from_env", factory=True, workers=workers, **server_kwargs)
