@@ -7,16 +7,27 @@ and the layout of a model folder. The one place to read (or change) the on-disk 
     models/registry.json                     champion/challenger decisions
     reports/validation/<run>/, reports/gx/   data-quality reports and Great Expectations Data Docs
     .locks/                                  inter-process locks
+
+Records under the home (stage manifests, `train.json`, report summaries and index, the registry) name
+paths relative to it (`Catalog.relative`), so a home copied or restored elsewhere still works; readers
+turn them back into paths under the current home (`Catalog.resolve`), absolute ones of older records
+included.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+from urllib.parse import unquote, urlparse
 
 STAGES = ("ingest", "validate", "build", "train", "evaluate")
 DATA_STAGES = ("ingest", "validate", "build")  # their outputs go to data/processed/<stage>/<key>/
 PROBE_LINES = ("晚风摇树树还挺", "今天天气不错", "鱼跃此时海", "只有香如故")  # the seed article's four probes, shown after training
+# Where the layout under a home begins: an absolute path recorded under a home that is gone is re-anchored
+# onto the current home from the first of these it contains (see Catalog.resolve).
+LAYOUT_ROOTS = (("data", "raw"), ("data", "processed"), ("models",), ("reports",), (".locks",))
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,14 @@ def is_model_dir(path: str | Path) -> bool:
     """A folder holding everything a model needs to load."""
     path = Path(path)
     return all((path / name).is_file() for name in MODEL_FILES.required)
+
+
+def _as_path(recorded: str | os.PathLike) -> Path:
+    """A recorded path, or a `file://` URL (GX Data Docs pages), as a Path."""
+    text = os.fspath(recorded)
+    if text.startswith("file://"):
+        return Path(unquote(urlparse(text).path))
+    return Path(text)
 
 
 @dataclass(frozen=True)
@@ -97,3 +116,54 @@ class Catalog:
     @property
     def locks_dir(self) -> Path:
         return self.home / ".locks"
+
+    # ----------------------------------------------------------------------- paths in records
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """How a record names `path`: relative to the home, in POSIX form (`models/<run-id>`).
+
+        A path outside the home (a source given by the user) stays absolute; a relative one is taken
+        as already recorded. `file://` URLs are accepted (recorded as the path they name).
+        """
+        p = _as_path(path)
+        if not p.is_absolute():
+            return p.as_posix()
+        for base, target in ((self.home, p), (self.home.resolve(), p.resolve())):
+            try:
+                return target.relative_to(base).as_posix()
+            except ValueError:
+                continue
+        return str(p)
+
+    def resolve(self, recorded: str | os.PathLike) -> Path:
+        """The path a record names, under the current home.
+
+        Relative (what this version records): joined to the home. Absolute (an older record): the path
+        itself if it exists; otherwise, when it lies under a home that has moved, its layout part
+        (`data/raw/…`, `data/processed/…`, `models/…`, `reports/…`) under the current home if that
+        exists; otherwise the path as recorded (so an error names it).
+        """
+        p = _as_path(recorded)
+        if not p.is_absolute():
+            return self.home / p
+        if p.exists():
+            return p
+        parts = p.parts
+        for start in range(1, len(parts)):
+            if any(parts[start : start + len(root)] == root for root in LAYOUT_ROOTS):
+                candidate = self.home.joinpath(*parts[start:])
+                if candidate.exists():
+                    return candidate
+        return p
+
+    def uri(self, recorded: str | os.PathLike) -> str:
+        """A recorded path (or `file://` URL) as a `file://` URL under the current home; other URLs unchanged."""
+        text = os.fspath(recorded)
+        if "://" in text and not text.startswith("file://"):
+            return text
+        return self.resolve(text).absolute().as_uri()
+
+    def resolved(self, record: dict, fields: Iterable[str]) -> dict:
+        """A copy of `record` with each of `fields` that is set turned into an absolute path (a string)
+        under the current home: what a stage returns and what people are shown."""
+        return {**record, **{name: str(self.resolve(record[name])) for name in fields if record.get(name)}}
