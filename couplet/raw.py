@@ -82,6 +82,17 @@ def _sources_index(raw_name_dir: Path) -> Path:
     return raw_name_dir / "sources.json"
 
 
+LOCAL_COPY_HINT = (
+    "to use a local copy instead, pass --source PATH (a .tar.gz or a directory in the dataset's layout) "
+    "or run SOURCE=PATH ./run.sh"
+)
+
+
+def download_error(detail: str, url: str) -> IngestError:
+    """The one-line error of a download that failed, with how to point the pipeline at a local copy."""
+    return IngestError(f"download failed{detail} for {url}; {LOCAL_COPY_HINT}")
+
+
 def download(url: str, dest: Path, cfg: DataConfig, validators: dict | None = None, progress: bool = True) -> dict:
     """Stream `url` into `dest` with timeouts and retries.
 
@@ -105,7 +116,7 @@ def download(url: str, dest: Path, cfg: DataConfig, validators: dict | None = No
                 if resp.status_code == 304:
                     return {"not_modified": True}
                 if 400 <= resp.status_code < 500:
-                    raise IngestError(f"download failed: HTTP {resp.status_code} {resp.reason} for {url}")
+                    raise download_error(f": HTTP {resp.status_code} {resp.reason}", url)
                 if resp.status_code >= 500:
                     last_error = f"HTTP {resp.status_code} {resp.reason}"
                     continue
@@ -138,7 +149,7 @@ def download(url: str, dest: Path, cfg: DataConfig, validators: dict | None = No
             last_error = f"timed out after {cfg.timeout_s:g} s"
         except requests.exceptions.RequestException as exc:
             last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    raise IngestError(f"download failed after {max(cfg.retries, 1)} attempts: {last_error} for {url}")
+    raise download_error(f" after {max(cfg.retries, 1)} attempts: {last_error}", url)
 
 
 def _progress_bar(total: int | None, url: str):

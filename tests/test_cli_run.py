@@ -70,6 +70,7 @@ def test_run_over_http_and_bad_inputs(home, prefect_home, tarball, tmp_path):
         assert missing.returncode != 0
         assert json.loads(missing.stdout.strip().splitlines()[-1])["error"].startswith("download failed: HTTP 404")
         assert missing.stderr.strip().splitlines()[-1].startswith("error: download failed: HTTP 404")
+        assert "--source PATH" in missing.stderr and "SOURCE=PATH ./run.sh" in missing.stderr  # how to use a local copy
     finally:
         server.shutdown()
         server.server_close()

@@ -113,8 +113,38 @@ def test_unreachable_host(home):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed once we leave: connection refused
-    with pytest.raises(IngestError, match="download failed after 2 attempts: cannot connect"):
-        run_ingest(cfg(f"http://127.0.0.1:{port}/couplet.tar.gz"), home)
+    url = f"http://127.0.0.1:{port}/couplet.tar.gz"
+    with pytest.raises(IngestError, match="download failed after 2 attempts: cannot connect") as info:
+        run_ingest(cfg(url), home)
+    _says_how_to_use_a_local_copy(str(info.value), url)
+
+
+def _says_how_to_use_a_local_copy(message: str, url: str) -> None:
+    """An unreachable source is one line naming the URL and both ways to point at a local copy."""
+    assert "\n" not in message and url in message, message
+    assert "--source PATH" in message and "SOURCE=PATH ./run.sh" in message, message
+
+
+def test_unreachable_source_errors_say_how_to_use_a_local_copy(home, http_root, monkeypatch):
+    """DNS failure, HTTP error status and time-out, all without the network (requests is stubbed or local)."""
+    import requests
+
+    _, base = http_root
+    with pytest.raises(IngestError, match="HTTP 404") as info:  # an HTTP error from a local server
+        run_ingest(cfg(f"{base}/gone.tar.gz"), home)
+    _says_how_to_use_a_local_copy(str(info.value), f"{base}/gone.tar.gz")
+
+    url = "https://couplet-dataset.invalid/couplet.tar.gz"
+    for exc, needle in ((requests.exceptions.ConnectionError("Failed to resolve 'couplet-dataset.invalid'"), "cannot connect"),
+                        (requests.exceptions.ReadTimeout("read timed out"), "timed out after 2 s")):
+        def refuse(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(requests, "get", refuse)
+        monkeypatch.setattr("couplet.raw.time.sleep", lambda s: None)
+        with pytest.raises(IngestError, match=needle) as info:
+            run_ingest(cfg(url), home)
+        _says_how_to_use_a_local_copy(str(info.value), url)
 
 
 def _hostile(tmp_path, name: str, member: tarfile.TarInfo, data: bytes = b"") -> Path:
