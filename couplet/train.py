@@ -221,52 +221,64 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
     budget_s = 60 * tc.max_minutes if tc.max_minutes else math.inf
     out_of_time = False
 
+    def checkpoint() -> None:
+        state.flush(loss_sum)
+        so_far = dataclasses.replace(state, seconds=state.seconds + time.perf_counter() - started,
+                                     tokens=state.tokens + tokens, train_seconds=state.train_seconds + step_seconds)
+        save_checkpoint(ckpt_path, fingerprint=fingerprint, config=config, model=model, optimizer=optimizer,
+                        batches=batches, best_weights=best_weights, progress=so_far, device=device, ema=ema)
+
     # the loop
     bar = progress_bar(total_steps, state.step, progress)
     model.train()
-    while state.step < total_steps and not state.stopped_early and not out_of_time:
-        tick = time.perf_counter()
-        for up, down in batches:
-            up, down = up.to(device, non_blocking=True), down.to(device, non_blocking=True)
-            if tc.lr_schedule != "constant":
-                factor = lr_factor(tc, state.step, total_steps, state.train_seconds + step_seconds)
-                for group in optimizer.param_groups:
-                    group["lr"] = tc.lr * factor
-            loss = train_step(step_model, optimizer, up, down, autocast)
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss
-            state.step += 1
-            state.run_steps += 1
-            tokens += up.numel()  # non-PAD tokens: batches are equal-length, never padded
-            step_seconds += time.perf_counter() - tick
-            if bar is not None:
-                bar.update(1)
-                if state.step % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / max(step_seconds, 1e-9):,.0f}")
-            if state.step % log_every == 0:
-                state.add_point(loss_sum)
-            if tc.eval_every and state.step % tc.eval_every == 0:
-                best_weights = validate(best_weights)
-            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                state.flush(loss_sum)
-                so_far = dataclasses.replace(state, seconds=state.seconds + time.perf_counter() - started,
-                                             tokens=state.tokens + tokens, train_seconds=state.train_seconds + step_seconds)
-                save_checkpoint(ckpt_path, fingerprint=fingerprint, config=config, model=model, optimizer=optimizer,
-                                batches=batches, best_weights=best_weights, progress=so_far, device=device, ema=ema)
-            if stop_after is not None and state.step >= stop_after:
-                raise TrainingInterrupted(f"stopped after step {state.step} (stop_after)")
-            out_of_time = state.train_seconds + step_seconds >= budget_s
-            if state.step >= total_steps or state.stopped_early or out_of_time:
-                break
+    try:
+        while state.step < total_steps and not state.stopped_early and not out_of_time:
             tick = time.perf_counter()
-        if batches.position == 0:  # the epoch ran to its end
-            if not tc.eval_every:
-                best_weights = validate(best_weights)
-            title = f"epoch {batches.epoch} · step {state.step}"
-            append_samples(samples_path, title, PROBE_LINES, argmax_lines(kept, vocab, PROBE_LINES, device), progress)
-    if bar is not None:
-        bar.close()
+            for up, down in batches:
+                up, down = up.to(device, non_blocking=True), down.to(device, non_blocking=True)
+                if tc.lr_schedule != "constant":
+                    factor = lr_factor(tc, state.step, total_steps, state.train_seconds + step_seconds)
+                    for group in optimizer.param_groups:
+                        group["lr"] = tc.lr * factor
+                loss = train_step(step_model, optimizer, up, down, autocast)
+                if ema is not None:
+                    ema.update_parameters(model)
+                loss_sum += loss
+                state.step += 1
+                state.run_steps += 1
+                tokens += up.numel()  # non-PAD tokens: batches are equal-length, never padded
+                step_seconds += time.perf_counter() - tick
+                if bar is not None:
+                    bar.update(1)
+                    if state.step % 10 == 0:
+                        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / max(step_seconds, 1e-9):,.0f}")
+                if state.step % log_every == 0:
+                    state.add_point(loss_sum)
+                if tc.eval_every and state.step % tc.eval_every == 0:
+                    best_weights = validate(best_weights)
+                if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                    checkpoint()
+                if stop_after is not None and state.step >= stop_after:
+                    raise TrainingInterrupted(f"stopped after step {state.step} (stop_after)")
+                out_of_time = state.train_seconds + step_seconds >= budget_s
+                if state.step >= total_steps or state.stopped_early or out_of_time:
+                    break
+                tick = time.perf_counter()
+            if batches.position == 0:  # the epoch ran to its end
+                if not tc.eval_every:
+                    best_weights = validate(best_weights)
+                title = f"epoch {batches.epoch} · step {state.step}"
+                append_samples(samples_path, title, PROBE_LINES, argmax_lines(kept, vocab, PROBE_LINES, device), progress)
+    except BaseException as exc:
+        if isinstance(exc, Exception) or tokens == 0:
+            raise  # an error: the state may be inconsistent, the last periodic checkpoint stays
+        # SIGINT (KeyboardInterrupt) or SIGTERM (Prefect's TerminationSignal): keep what this run trained
+        checkpoint()
+        log.warning("interrupted at step %d: checkpoint saved to %s; the next run resumes from it", state.step, ckpt_path)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
     # outputs: best weights, config, vocab, metrics, curve, final samples
     if not state.history or state.history[-1][2] is None or state.history[-1][0] != state.step:
@@ -328,7 +340,7 @@ def run_train(built: dict, config: Config, home: Path, force: bool = False, prog
         fit_lower_line_lm(Path(built["build_dir"]), folder)
         return {
             "run_id": run_id,
-            "model": str(model_dir),
+            "model": Catalog(home).relative(model_dir),  # relative to the home, like every record under it
             "build_key": built["key"],
             "dataset_version": built["dataset_version"],
             "training": {k: v for k, v in summary.items() if k != "model_dir"},

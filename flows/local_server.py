@@ -69,7 +69,11 @@ def start_temporary_server(timeout_s: float = 60.0):
         env=env,
         stdout=subprocess.DEVNULL,
         preexec_fn=functools.partial(_terminate_with_parent, os.getpid()) if sys.platform == "linux" else None,
+        # Its own session: Ctrl+C in a terminal, or `timeout`, signals the whole foreground process group;
+        # the server must outlive that long enough for the run to record its interrupted state.
+        start_new_session=True,
     )
+    _started.append(proc)
     atexit.register(_stop, proc)
     api_url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = api_url
@@ -80,6 +84,15 @@ def start_temporary_server(timeout_s: float = 60.0):
             stamp.write_text(version)
 
     return wait_until_ready
+
+
+_started: list[subprocess.Popen] = []
+
+
+def stop_temporary_server() -> None:
+    """Stop the server started by this process now (an interrupted run leaves through os._exit, past atexit)."""
+    while _started:
+        _stop(_started.pop())
 
 
 def _terminate_with_parent(parent: int) -> None:
@@ -102,6 +115,8 @@ def _migration_stamp() -> Path | None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
     proc.terminate()
     try:
         proc.wait(timeout=5)

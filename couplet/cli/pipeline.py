@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -51,17 +55,97 @@ def run(
         fail(str(exc))
     home = couplet_home()
     _prefect_defaults(home, verbose)
-    from flows.local_server import start_temporary_server
+    _stop_on_signals()
+    try:
+        from flows.local_server import start_temporary_server
 
-    wait_until_ready = start_temporary_server()
-    from flows.pipeline import couplet_pipeline
+        wait_until_ready = start_temporary_server()
+        from flows.pipeline import couplet_pipeline
 
-    wait_until_ready()
-    state = couplet_pipeline(
-        source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, promote=promote,
-        return_state=True
-    )
+        wait_until_ready()
+        state = couplet_pipeline(
+            source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, promote=promote,
+            return_state=True
+        )
+    except BaseException as exc:  # noqa: BLE001 — KeyboardInterrupt, or Prefect's TerminationSignal for SIGTERM
+        signum = _received or getattr(exc, "signal", None) or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None)
+        if signum is None:
+            raise
+        _leave_interrupted(signum)
+    if _received:
+        _leave_interrupted(_received)
     _report(state, as_json)
+
+
+# How long an interrupted run may take to record its state (Prefect marks the flow run crashed, training
+# writes its last checkpoint) before it leaves anyway: the API may be gone too (a whole cgroup signalled).
+INTERRUPT_GRACE_S = 10.0
+_received: int | None = None
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM stop the run at once with a one-line message and exit 128 + the signal.
+
+    While a flow runs, Prefect's own SIGTERM handler raises `TerminationSignal` first and calls this
+    handler after recording the crash; training catches either to write a last checkpoint (couplet/train.py).
+    """
+
+    def on_signal(signum: int, frame) -> None:
+        global _received
+        if _received is not None:  # a second signal: leave now
+            _leave_interrupted(signum)
+        _received = signum
+        watchdog = threading.Timer(INTERRUPT_GRACE_S, _leave_interrupted, args=(signum,))
+        watchdog.daemon = True
+        watchdog.start()
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+
+
+def _leave_interrupted(signum: int) -> None:
+    """Stop what this run started, print one line, exit 130 (SIGINT) or 143 (SIGTERM); atexit is skipped
+    (Prefect's exit hooks would wait on an API that may be gone)."""
+    from flows.local_server import stop_temporary_server
+
+    with contextlib.suppress(Exception):
+        stop_temporary_server()
+    _stop_children()
+    name = signal.Signals(signum).name
+    sys.stdout.flush()
+    sys.stderr.write(f"interrupted: {name}; finished stages stay cached and training resumes from its last checkpoint "
+                     "- run the same command again\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _stop_children(grace_s: float = 3.0) -> None:
+    """SIGTERM every live child process of this one (DataLoader workers and the like), then SIGKILL the stragglers."""
+    import time
+
+    def children() -> list[int]:
+        found = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError, IndexError, ValueError):
+                        fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                            found.append(int(entry.name))
+        return found
+
+    pids = children()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = [pid for pid in pids if pid in children()]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _report(state, as_json: bool) -> None:

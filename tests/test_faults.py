@@ -1,0 +1,144 @@
+"""Faults an operator meets, on real `couplet run`s: signals mid-run (issue 10).
+
+Each case asserts a clear one-line outcome or a clean recovery, that nothing the run started is left
+running, that nothing half-written is visible, and that a re-run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from datagen import write_dataset_tarball
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="walks the process tree through /proc (Linux)"),
+]
+
+COUPLET = [sys.executable, "-m", "couplet"]
+TINY_TRAIN = ["--set", "model.embed_dim=32", "--set", "model.n_blocks=2", "--set", "train.num_threads=1",
+              "--set", "train.batch_size=16", "--set", "train.epochs=100000", "--set", "train.checkpoint_every=100000",
+              "--set", "train.eval_every=50"]
+
+
+@pytest.fixture
+def tarball(tmp_path) -> Path:
+    return write_dataset_tarball(tmp_path / "couplet.tar.gz", n_train=300, n_test=30)
+
+
+def _env(home: Path, prefect_home: Path) -> dict:
+    env = {**os.environ, "COUPLET_HOME": str(home), "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below `root` (children, grandchildren, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) and fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _interrupt(run: subprocess.Popen, signum: int, ready, timeout_s: float = 120) -> tuple[set[int], str]:
+    """Wait until `ready()`, note the run's process tree, send `signum`; return the tree and stderr."""
+    started: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert run.poll() is None, f"the run ended before the signal: {run.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached the point to interrupt"
+        started |= _descendants(run.pid)
+        time.sleep(0.05)
+    started |= _descendants(run.pid)
+    os.kill(run.pid, signum)
+    _, err = run.communicate(timeout=60)
+    return started, err
+
+
+def _assert_nothing_left(started: set[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in started if _alive(pid)]
+    assert not left, f"processes started by the interrupted run are still running: {left}"
+
+
+def _run(home, prefect_home, *args) -> dict:
+    proc = subprocess.run([*COUPLET, "run", *args, "--json"], env=_env(home, prefect_home), cwd=home,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sigterm_mid_train_saves_a_checkpoint_and_the_rerun_resumes(home, prefect_home, tarball):
+    args = ["--source", str(tarball), "--until", "train", *TINY_TRAIN, "--set", "train.max_minutes=0.25"]
+    run = subprocess.Popen([*COUPLET, "run", *args, "--json"], env=_env(home, prefect_home), cwd=home,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    models = home / "models"
+    training_for = []
+
+    def training_a_while() -> bool:  # a model folder exists (train started), then a few seconds of steps
+        if not training_for and models.is_dir() and any(p.is_dir() for p in models.iterdir()):
+            training_for.append(time.monotonic())
+        return bool(training_for) and time.monotonic() - training_for[0] > 4
+
+    started, err = _interrupt(run, signal.SIGTERM, training_a_while)
+    assert run.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: SIGTERM;"), err[-2000:]
+    checkpoints = list(models.glob("*/checkpoints/last.pt"))
+    assert len(checkpoints) == 1, "training wrote no checkpoint when interrupted"
+    assert not list(models.glob("*/train.json")), "an interrupted training must not look finished"
+    _assert_nothing_left(started)
+
+    summary = _run(home, prefect_home, *args)
+    assert summary["stages"]["train"]["status"] == "completed"
+    trained = json.loads(next(models.glob("*/metrics.json")).read_text(encoding="utf-8"))
+    assert trained["resumed_from"] and trained["resumed_from"] > 0 and trained["steps"] > trained["resumed_from"]
+
+
+def test_sigint_mid_data_stages_leaves_nothing_half_written_and_reruns_alike(home, prefect_home, tarball, tmp_path):
+    args = ["--source", str(tarball), "--until", "build"]
+    run = subprocess.Popen([*COUPLET, "run", *args, "--json"], env=_env(home, prefect_home), cwd=home,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processed = home / "data" / "processed"
+    started, err = _interrupt(run, signal.SIGINT, processed.exists)
+    assert run.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: SIGINT;"), err[-2000:]
+    _assert_nothing_left(started)
+    half_written = [p for p in processed.rglob("*") if p.name.startswith((".tmp-", ".old-"))]
+    assert not half_written, half_written
+
+    rerun = _run(home, prefect_home, *args)
+    undisturbed_home = tmp_path / "undisturbed"
+    undisturbed_home.mkdir()
+    undisturbed = _run(undisturbed_home, prefect_home, *args)
+    assert rerun["counts"] == undisturbed["counts"] and rerun["dataset_version"] == undisturbed["dataset_version"]
+    build_dir = lambda h: next((h / "data" / "processed" / "build").iterdir())  # noqa: E731
+    shards = sorted(p.relative_to(build_dir(home)) for p in build_dir(home).rglob("*.parquet"))
+    assert shards == sorted(p.relative_to(build_dir(undisturbed_home)) for p in build_dir(undisturbed_home).rglob("*.parquet"))
+    for shard in shards:
+        assert (build_dir(home) / shard).read_bytes() == (build_dir(undisturbed_home) / shard).read_bytes()
