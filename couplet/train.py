@@ -133,10 +133,29 @@ def _build(config: Config, vocab_size: int, device: torch.device):
     model = build_labeller(vocab_size, config.model).to(device)
     ema = None
     if config.train.ema_decay is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
+        ema = AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay))
     return model, make_optimizer(model, config.train.lr), ema
+
+
+def ema_update(decay: float):
+    """The moving average's update, with its decay warmed up as min(decay, (1 + n) / (10 + n)) after n updates.
+
+    A fixed 0.999 would keep a short run's average at its random start; the warm-up makes the average follow
+    early on and reaches `decay` by itself (after ~9,000 updates for 0.999), so long runs are unaffected.
+    """
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
+
+
+def warmup_steps(tc, total_steps: int) -> int:
+    """train.warmup_steps, at most a tenth of the run's steps (a short run is not all warm-up)."""
+    return min(tc.warmup_steps, total_steps // 10)
 
 
 def lr_factor(tc, step: int, total_steps: int, train_seconds: float) -> float:
@@ -146,9 +165,10 @@ def lr_factor(tc, step: int, total_steps: int, train_seconds: float) -> float:
     """
     if tc.lr_schedule == "constant":
         return 1.0
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    done = (step - tc.warmup_steps) / max(1, total_steps - tc.warmup_steps)
+    warmup = warmup_steps(tc, total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    done = (step - warmup) / max(1, total_steps - warmup)
     if tc.max_minutes:
         done = max(done, train_seconds / (60 * tc.max_minutes))
     return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))

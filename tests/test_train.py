@@ -226,6 +226,26 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(replace(Config(), "train").train, 5, 10, 0.0) == 1.0
 
 
+def test_warmup_is_at_most_a_tenth_of_a_short_run():
+    from couplet.train import lr_factor
+
+    tc = replace(Config(), "train", lr_schedule="cosine", warmup_steps=500).train
+    assert lr_factor(tc, 0, 40, 0.0) == pytest.approx(0.25) and lr_factor(tc, 3, 40, 0.0) == pytest.approx(1.0)
+    assert lr_factor(tc, 0, 100_000, 0.0) == pytest.approx(1 / 500)
+
+
+def test_ema_decay_warms_up_to_its_setting():
+    from couplet.train import ema_update
+
+    update, current = ema_update(0.999), [torch.ones(2)]
+    early = [torch.zeros(2)]
+    update(early, current, torch.tensor(0))  # decay (1 + 0) / (10 + 0) = 0.1: the average follows the weights
+    assert early[0].tolist() == pytest.approx([0.9, 0.9])
+    late = [torch.zeros(2)]
+    update(late, current, torch.tensor(100_000))  # long past the warm-up: the configured 0.999
+    assert late[0].tolist() == pytest.approx([0.001, 0.001])
+
+
 def test_refine_kind_with_cosine_and_ema_trains_resumes_and_loads(build, tmp_path):
     config = replace(small_config(max_steps=12, eval_every=4, patience=100, lr_schedule="cosine", warmup_steps=3,
                                   ema_decay=0.9), "model", kind="refine", refine_blocks=1)
