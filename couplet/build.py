@@ -122,13 +122,16 @@ def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.n
 
 
 def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False) -> dict:
-    """Stage 3. Returns a small manifest: status, key, counts, paths."""
+    """Stage 3. Returns a small manifest: status, key, counts, paths (absolute)."""
     key = build_key(validated["key"], cfg)
-    out_dir = Catalog(home).stage_dir("build", key)
-    return run_cached("build", key, out_dir, lambda folder: _build_into(folder, out_dir, validated, cfg), force=force)
+    catalog = Catalog(home)
+    out_dir = catalog.stage_dir("build", key)
+    validated = catalog.resolved(validated, ("passed_path",))
+    result = run_cached("build", key, out_dir, lambda folder: _build_into(folder, catalog.relative(out_dir), validated, cfg), force=force)
+    return catalog.resolved(result, ("build_dir",))  # recorded relative to the home; the caller gets it under the current home
 
 
-def _build_into(folder: Path, out_dir: Path, validated: dict, cfg: DataConfig) -> dict:
+def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfig) -> dict:
     """Dedupe, split, build the vocabulary and write one shard per split and length into `folder`."""
     pairs = pq.read_table(validated["passed_path"], columns=["split", "up", "down"])
     rows_in = pairs.num_rows
@@ -167,7 +170,7 @@ def _build_into(folder: Path, out_dir: Path, validated: dict, cfg: DataConfig) -
         "unk_in_upper": unk,
         "shards": shards,
         "params": {"min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction},
-        "build_dir": str(out_dir),
+        "build_dir": recorded_dir,  # relative to the home
     }
 
 

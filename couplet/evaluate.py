@@ -27,7 +27,7 @@ from typing import Sequence
 from couplet.atomic import atomic_write_json, atomic_write_text, read_json
 from couplet.baseline import DictionaryBaseline
 from couplet.build import read_split_text
-from couplet.catalog import MODEL_FILES, PROBE_LINES
+from couplet.catalog import MODEL_FILES, PROBE_LINES, Catalog
 from couplet.config import Config
 from couplet.decode import ARGMAX, DecodeOptions, decode
 from couplet.locks import hold_lock
@@ -235,10 +235,12 @@ def beats_baseline(metrics: dict, baseline_metrics: dict) -> bool:
 def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool = False) -> dict:
     """Stage 5: decode the test split with the trained model and score it."""
     key = stage_key("evaluate", trained["key"], config.section_hash("decode", "evaluate"))
-    model_dir = Path(trained["model"])
+    catalog = Catalog(home)
+    model_dir = catalog.resolve(trained["model"])  # manifests name paths relative to the home
+    build_dir = catalog.resolve(built["build_dir"])
 
     def produce(folder: Path) -> dict:
-        uppers, references = read_split_text(built["build_dir"], "test")
+        uppers, references = read_split_text(build_dir, "test")
         fingerprint = fingerprint_pairs(uppers, references, config.evaluate.max_eval)  # of the whole split
         if config.evaluate.max_eval is not None:
             uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
@@ -247,7 +249,7 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         predictor = Predictor.load(folder)
         decoding = {"constrained": config.decode.constrained, "tone": config.decode.tone}
         metrics, predictions = evaluate_pairs(predictor, uppers, references, **decoding)
-        baseline = DictionaryBaseline.from_build(built["build_dir"], predictor.config)  # same max_len: same lines answered
+        baseline = DictionaryBaseline.from_build(build_dir, predictor.config)  # same max_len: same lines answered
         baseline_metrics, baseline_predictions = evaluate_pairs(baseline, uppers, references, **decoding)
         for scored in (metrics, baseline_metrics):
             scored["test_fingerprint"] = fingerprint
@@ -268,9 +270,10 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         previous = samples_path.read_text(encoding="utf-8") if samples_path.is_file() else ""
         previous = previous.split("## Evaluation samples")[0].rstrip()  # training's probe outputs stay
         atomic_write_text(samples_path, (previous + "\n\n" if previous else "") + samples_md)
-        return {"model": str(model_dir), "run_id": trained["run_id"], "metrics": metrics, "samples": sample_rows,
+        return {"model": catalog.relative(model_dir), "run_id": trained["run_id"], "metrics": metrics, "samples": sample_rows,
                 "baseline_metrics": baseline_metrics, "beats_baseline": metrics["beats_baseline"]}
 
     with hold_lock(home, f"models/{trained['run_id']}"):  # metrics.json and samples.md are rewritten
-        return run_cached("evaluate", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.evaluate_manifest,
-                          outputs=(MODEL_FILES.metrics, MODEL_FILES.samples, MODEL_FILES.decode), in_place=True)
+        result = run_cached("evaluate", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.evaluate_manifest,
+                            outputs=(MODEL_FILES.metrics, MODEL_FILES.samples, MODEL_FILES.decode), in_place=True)
+    return catalog.resolved(result, ("model",))  # the caller gets the folder under the current home

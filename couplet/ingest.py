@@ -64,11 +64,12 @@ def parse_pairs(layout_dir: Path) -> pa.Table:
 
 
 def run_ingest(cfg: DataConfig, home: Path, force: bool = False, progress: bool = True) -> dict:
-    """Stage 1. Returns a small manifest: status, key, raw sha256, paths and counts."""
+    """Stage 1. Returns a small manifest: status, key, raw sha256, paths (absolute) and counts."""
     start = time.perf_counter()
     raw, raw_cached = fetch_raw(cfg, home, progress=progress)
     key = stage_key("ingest", raw.sha256)
-    out_dir = Catalog(home).stage_dir("ingest", key)
+    catalog = Catalog(home)
+    out_dir = catalog.stage_dir("ingest", key)
 
     def produce(folder: Path) -> dict:
         table = parse_pairs(raw.layout_dir)
@@ -76,13 +77,14 @@ def run_ingest(cfg: DataConfig, home: Path, force: bool = False, progress: bool 
         return {
             "dataset_version": raw.sha256[:12],
             "raw_sha256": raw.sha256,
-            "raw_dir": str(raw.root),
+            "raw_dir": catalog.relative(raw.root),
             "source": cfg.source,
             "raw_cached": raw_cached,
             "rows": table.num_rows,
             "rows_per_split": {split: int(pc.sum(pc.equal(table["split"], split)).as_py() or 0) for split in SPLITS},
             "line_counts": raw.manifest["line_counts"],
-            "pairs_path": str(out_dir / "pairs.parquet"),
+            "pairs_path": catalog.relative(out_dir / "pairs.parquet"),
         }
 
-    return run_cached("ingest", key, out_dir, produce, force=force, started=start)
+    # the manifest names paths relative to the home; the caller gets them under the current home
+    return catalog.resolved(run_cached("ingest", key, out_dir, produce, force=force, started=start), ("raw_dir", "pairs_path"))

@@ -7,7 +7,8 @@
      "updated": "<UTC time>",
      "history": [<one record per decision, oldest first>]}
 
-A record: `time`, `run_id`, `model_dir`, `metric`, `promoted`, `reason`, `forced`,
+A record: `time`, `run_id`, `model_dir` (relative to `$COUPLET_HOME`, as every record under it; older records:
+absolute), `metric`, `promoted`, `reason`, `forced`,
 `challenger_metrics`, `champion_before` (the champion it was compared with, or null),
 `champion_metrics` (that champion's), `baseline_metrics` (the dictionary baseline's on the same
 test pairs, or null) and `baseline_gate` (whether the baseline rule below applied).
@@ -208,19 +209,19 @@ def promote(
                 continue
             same_opponent = old.get("champion_before") == champion and old.get("champion_metrics") == champion_metrics
             if same_opponent or (old["promoted"] and champion == run_id and champion_metrics == challenger):
-                return {**old, "champion": champion, "status": "cached"}
+                return {**old, "model_dir": str(path), "champion": champion, "status": "cached"}
         if champion == run_id:  # the champion scored again (e.g. on a new test split): keep its latest scores
             decision = Decision(True, "already the champion; its metrics are replaced by this evaluation")
         else:
             decision = decide_promotion(challenger, champion_metrics, metric, require_baseline=require_baseline)
         record = {
-            "time": _now(), "run_id": run_id, "model_dir": str(path), "metric": metric,
+            "time": _now(), "run_id": run_id, "model_dir": Catalog(home).relative(path), "metric": metric,
             "promoted": decision.promote, "reason": decision.reason, "forced": False,
             "challenger_metrics": challenger, "champion_before": champion, "champion_metrics": champion_metrics,
             "baseline_metrics": _flat(baseline_metrics) if baseline_metrics else None, "baseline_gate": require_baseline,
         }
         _append(home, registry, record)
-    return {**record, "champion": registry["champion"], "status": "completed"}
+    return {**record, "model_dir": str(path), "champion": registry["champion"], "status": "completed"}
 
 
 def force_promote(run_id: str, home: str | Path, reason: str = "promoted by hand", *, lock_timeout_s: float = 60.0) -> dict:
@@ -234,11 +235,11 @@ def force_promote(run_id: str, home: str | Path, reason: str = "promoted by hand
         if not seen:
             raise RegistryError(f"{run_id} was never evaluated by the pipeline (no record in {registry_path(home)})")
         record = {
-            **seen[-1], "time": _now(), "promoted": True, "reason": reason, "forced": True,
-            "champion_before": registry["champion"], "champion_metrics": registry["champion_metrics"],
+            **seen[-1], "time": _now(), "model_dir": Catalog(home).relative(path), "promoted": True, "reason": reason,
+            "forced": True, "champion_before": registry["champion"], "champion_metrics": registry["champion_metrics"],
         }
         _append(home, registry, record)
-    return {**record, "champion": registry["champion"], "status": "completed"}
+    return {**record, "model_dir": str(path), "champion": registry["champion"], "status": "completed"}
 
 
 def _append(home: Path, registry: dict, record: dict) -> None:

@@ -142,7 +142,8 @@ def _markdown_report(summary: dict) -> str:
     lines += ["", "## Great Expectations", "", "| expectation | column | success | unexpected % |", "| --- | --- | --- | --- |"]
     for e in summary["gx"]["expectations"]:
         lines.append(f"| {e['expectation']} | {e['column']} | {'✅' if e['success'] else '❌'} | {e['unexpected_percent']:.4f} |")
-    lines += ["", f"Data Docs: {summary['gx'].get('data_docs_page') or summary['gx']['data_docs_index']}", ""]
+    docs = summary["gx"].get("data_docs_page") or summary["gx"]["data_docs_index"]
+    lines += ["", f"Data Docs: {docs}" + ("" if "://" in docs else " (under $COUPLET_HOME)"), ""]
     return "\n".join(lines)
 
 
@@ -161,14 +162,21 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
     """Stage 2. Returns a small manifest; raises ValidationFailed when the batch is unusable."""
     start = time.perf_counter()
     key = validate_key(ingest["key"], cfg)
-    out_dir = Catalog(home).stage_dir("validate", key)
-    return run_cached("validate", key, out_dir, lambda folder: _validate_into(folder, out_dir, key, ingest, cfg, home, flow_run_id),
-                      force=force, started=start)
+    catalog = Catalog(home)
+    out_dir = catalog.stage_dir("validate", key)
+    result = run_cached("validate", key, out_dir, lambda folder: _validate_into(folder, out_dir, key, ingest, cfg, home, flow_run_id),
+                        force=force, started=start)
+    # the manifest names paths relative to the home; the caller gets them under the current home
+    result = catalog.resolved(result, ("passed_path", "rejects_path", "report_path"))
+    if result.get("data_docs_page"):
+        result["data_docs_page"] = catalog.uri(result["data_docs_page"])
+    return result
 
 
 def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: DataConfig, home: Path, flow_run_id: str | None) -> dict:
     """Check every row and the batch, write the report, and (if the batch passes) passed/rejects into `folder`."""
-    table = add_rule_columns(pq.read_table(ingest["pairs_path"]), cfg.max_len)
+    catalog = Catalog(home)
+    table = add_rule_columns(pq.read_table(catalog.resolve(ingest["pairs_path"])), cfg.max_len)
     failures = rule_failures(table, cfg.max_len)
     any_failure = failures[RULES[0]]
     for rule in RULES[1:]:
@@ -214,7 +222,10 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
     if failed_gx and not reasons:
         reasons.append("expectations failed: " + "; ".join(failed_gx))
 
-    report_dir = Catalog(home).validation_report_dir(run_id)
+    report_dir = catalog.validation_report_dir(run_id)
+    gx_record = {**gx_result, "data_docs_index": catalog.relative(gx_result["data_docs_index"])}
+    if gx_result.get("data_docs_page"):
+        gx_record["data_docs_page"] = catalog.relative(gx_result["data_docs_page"])
     summary = {
         "run_id": run_id,
         "key": key,
@@ -232,9 +243,9 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
         "duplicate_rate": (rows_in - distinct) / rows_in if rows_in else 0.0,
         "length_histogram": {str(item["values"]): int(item["counts"]) for item in lengths},
         "line_counts": line_counts,
-        "gx": gx_result,
-        "report_dir": str(report_dir),
-        "report_path": str(report_dir / "report.md"),
+        "gx": gx_record,  # paths in records are relative to the home (Catalog.relative)
+        "report_dir": catalog.relative(report_dir),
+        "report_path": catalog.relative(report_dir / "report.md"),
     }
     report_md = _markdown_report(summary)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +254,7 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
     if reasons:
         pq.write_table(rejects, report_dir / "rejects.parquet", compression="zstd", version="2.6")
     _register_report(home, {k: summary[k] for k in ("run_id", "key", "flow_run_id", "dataset_version", "created_at", "success", "report_dir")}
-                     | {"data_docs_page": gx_result.get("data_docs_page")})
+                     | {"data_docs_page": gx_record.get("data_docs_page")})
     if reasons:
         raise ValidationFailed(
             f"validation failed: {summary['reason']} (report: {report_dir / 'report.md'})",
@@ -262,20 +273,27 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
         "rejected": rejects.num_rows,
         "rejects_per_rule": per_rule,
         "duplicate_rate": summary["duplicate_rate"],
-        "passed_path": str(out_dir / "passed.parquet"),
-        "rejects_path": str(out_dir / "rejects.parquet"),
+        "passed_path": catalog.relative(out_dir / "passed.parquet"),
+        "rejects_path": catalog.relative(out_dir / "rejects.parquet"),
         "report_path": summary["report_path"],
-        "data_docs_page": gx_result.get("data_docs_page"),
+        "data_docs_page": gx_record.get("data_docs_page"),
         "params": {"max_len": cfg.max_len, "max_reject_rate": cfg.max_reject_rate, "suite_version": suite_version()},
     }
 
 
 def latest_report(home: Path, run: str | None = None) -> dict | None:
-    """The index entry of the newest validation report, or of the run whose id/flow-run id starts with `run`."""
+    """The index entry of the newest validation report, or of the run whose id/flow-run id starts with `run`,
+    with `report_dir` and `data_docs_page` (a file:// URL) under the current home."""
+    catalog = Catalog(home)
     try:
-        runs = json.loads(Catalog(home).validation_index.read_text(encoding="utf-8"))["runs"]
+        runs = json.loads(catalog.validation_index.read_text(encoding="utf-8"))["runs"]
     except (OSError, ValueError, KeyError):
         return None
     if run:
         runs = [r for r in runs if r["run_id"].startswith(run) or (r.get("flow_run_id") or "").startswith(run) or r["key"].startswith(run)]
-    return runs[-1] if runs else None
+    if not runs:
+        return None
+    entry = catalog.resolved(runs[-1], ("report_dir",))  # recorded relative to the home (older entries: absolute)
+    if entry.get("data_docs_page"):
+        entry["data_docs_page"] = catalog.uri(entry["data_docs_page"])
+    return entry

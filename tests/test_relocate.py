@@ -1,6 +1,13 @@
 """A relocatable home: records under $COUPLET_HOME name paths relative to it, so a home copied elsewhere works."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+from datagen import write_dataset_tarball
 
 from couplet.catalog import Catalog
 
@@ -67,3 +74,96 @@ def test_resolved_turns_the_named_fields_into_paths_under_the_home(tmp_path):
     out = catalog.resolved(record, ("build_dir", "model", "absent"))
     assert out == {"build_dir": str(tmp_path / "home" / "data" / "processed" / "build" / "k"), "key": "k", "model": None}
     assert record["build_dir"] == "data/processed/build/k"  # a copy
+
+
+def test_old_absolute_records_of_a_moved_home_are_read(tmp_path):
+    """A report index and a registry written by an older version, in a home restored elsewhere."""
+    from couplet.registry import force_promote, read_registry
+    from couplet.validate import latest_report
+
+    old, home = tmp_path / "gone", tmp_path / "restored"
+    catalog = Catalog(home)
+    report_dir = catalog.validation_report_dir("r1")
+    report_dir.mkdir(parents=True)
+    (report_dir / "report.md").write_text("# report\n")
+    page = catalog.reports_dir / "gx" / "validations" / "r1.html"
+    page.parent.mkdir(parents=True)
+    page.touch()
+    old_entry = {"run_id": "r1", "key": "k1", "flow_run_id": None, "dataset_version": "v", "created_at": "t", "success": True,
+                 "report_dir": str(old / "reports" / "validation" / "r1"),
+                 "data_docs_page": (old / "reports" / "gx" / "validations" / "r1.html").as_uri()}
+    catalog.validation_index.write_text(json.dumps({"runs": [old_entry]}))
+    entry = latest_report(home)
+    assert entry["report_dir"] == str(report_dir) and entry["data_docs_page"] == page.as_uri()
+
+    model = catalog.model_dir("v-run1")
+    model.mkdir(parents=True)
+    for name in ("model.safetensors", "vocab.json", "config.json"):
+        (model / name).write_text("{}")
+    old_record = {"time": "t", "run_id": "v-run1", "model_dir": str(old / "models" / "v-run1"), "metric": "bleu",
+                  "promoted": False, "reason": "r", "forced": False, "challenger_metrics": {"bleu": 1.0},
+                  "champion_before": None, "champion_metrics": None}
+    catalog.registry_path.write_text(json.dumps({"champion": None, "champion_metrics": None, "history": [old_record]}))
+    record = force_promote("v-run1", home)
+    assert record["model_dir"] == str(model.resolve())  # shown under the current home
+    assert read_registry(home)["history"][-1]["model_dir"] == "models/v-run1"  # recorded relative
+
+
+# --------------------------------------------------------------------------- a home copied elsewhere, end to end
+
+COUPLET = [sys.executable, "-m", "couplet"]
+SMALL = ["--set", "train.max_steps=40", "--set", "model.embed_dim=32", "--set", "model.n_blocks=2",
+         "--set", "train.num_threads=1", "--set", "evaluate.n_samples=3", "--set", "train.checkpoint_every=20",
+         "--set", "promote.require_baseline=false"]  # the tiny model cannot beat the dictionary baseline: promote it anyway
+BINARY = {".parquet", ".safetensors", ".pt", ".npz", ".png", ".gz"}
+
+
+def couplet(home: Path, prefect_home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COUPLET_HOME": str(home), "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([*COUPLET, *args], env=env, capture_output=True, text=True, timeout=300, cwd=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def files_naming(root: Path, text: str) -> list[str]:
+    """The non-binary files under `root` (Prefect's own .prefect/ aside) whose bytes contain `text`."""
+    needle = text.encode()
+    return [str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and p.suffix not in BINARY and ".prefect" not in p.relative_to(root).parts and needle in p.read_bytes()]
+
+
+def test_a_home_copied_elsewhere_is_all_cached_and_answers(tmp_path, prefect_home):
+    source = write_dataset_tarball(tmp_path / "source" / "couplet.tar.gz", n_train=300, n_test=30)
+    a, b = tmp_path / "home-a", tmp_path / "home-b"
+    a.mkdir()
+    run_args = ["run", "--source", str(source), "--until", "evaluate", *SMALL, "--json"]
+    first = json.loads(couplet(a, prefect_home, *run_args).stdout.strip().splitlines()[-1])
+    assert {v["status"] for v in first["stages"].values()} == {"completed"}
+    assert first["promotion"]["promoted"] and Path(first["model"]).parent == a / "models"
+    run_id = Path(first["model"]).name
+    assert json.loads((a / "models" / run_id / "train.json").read_text())["model"] == f"models/{run_id}"  # recorded relative
+
+    shutil.copytree(a, b, symlinks=True)
+    shutil.rmtree(a)
+
+    again = json.loads(couplet(b, prefect_home, *run_args).stdout.strip().splitlines()[-1])
+    assert {k: v["status"] for k, v in again["stages"].items()} == {k: "cached" for k in first["stages"]}
+    assert again["promotion"]["champion"] == run_id
+    # what people see names the copy
+    for shown in (again["report"], again["build_dir"], again["model"], again["promotion"]["model_dir"]):
+        assert Path(shown).is_relative_to(b) and Path(shown).exists(), shown
+    assert again["data_docs"].startswith(b.as_uri() + "/")
+
+    answer = json.loads(couplet(b, prefect_home, "match", "春风花月", "--json").stdout)
+    assert answer["model"] == run_id and len(answer["candidates"][0]["lower"]) == 4  # the champion, from the copy
+
+    report = couplet(b, prefect_home, "report").stdout
+    shown = dict(line.split(None, 1) for line in report.splitlines() if line.startswith(("report ", "data ")))
+    assert Path(shown["report"].strip()).is_relative_to(b) and Path(shown["report"].strip()).is_file(), report
+    assert shown["data"].split()[-1].startswith(b.as_uri() + "/"), report
+    entry = json.loads(couplet(b, prefect_home, "report", "--json").stdout)
+    assert Path(entry["report_dir"]).is_relative_to(b) and (Path(entry["report_dir"]) / "report.md").is_file()
+
+    assert files_naming(b, str(a)) == []
+    assert files_naming(b, str(b)) == []  # nor the copy's own path: records are relative, not rewritten
