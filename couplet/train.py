@@ -369,5 +369,6 @@ def run_train(built: dict, config: Config, home: Path, force: bool = False, prog
     with hold_lock(home, f"models/{run_id}"):
         if force:
             shutil.rmtree(model_dir / MODEL_FILES.checkpoints, ignore_errors=True)
-        return run_cached("train", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.train_manifest,
-                          outputs=(*MODEL_FILES.required, MODEL_FILES.lm), in_place=True)
+        trained = run_cached("train", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.train_manifest,
+                             outputs=(*MODEL_FILES.required, MODEL_FILES.lm), in_place=True)
+    return Catalog(home).resolved(trained, ("model",))  # under the current home, as the other run_<stage> hand back

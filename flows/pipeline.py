@@ -19,7 +19,7 @@ from prefect.states import Completed
 
 from couplet import registry
 from couplet.build import run_build
-from couplet.catalog import STAGES, Catalog
+from couplet.catalog import STAGES
 from couplet.config import Config, couplet_home, load_config
 from couplet.ingest import run_ingest
 from couplet.pipeline import summarize, with_source
@@ -78,10 +78,7 @@ def build_dataset(validated: dict, config: Config, home: Path, force: bool) -> d
 def train_model(built: dict, config: Config, home: Path, force: bool) -> dict:
     from couplet.train import run_train  # torch is imported only by runs that train (~1 s, ~170 MB)
 
-    result = run_train(built, config, home, force=force)
-    # train.json names the model folder relative to the home (as the other stages' manifests); hand it on
-    # under the current home, as run_<stage> does for the others
-    return _finish(Catalog(home).resolved(result, ("model",)))
+    return _finish(run_train(built, config, home, force=force))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
