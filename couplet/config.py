@@ -72,14 +72,17 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
-    max_minutes: float | None = Field(default=None, gt=0)  # stop after this much time in training steps (a budget), keeping the best weights
+    # stop after this much time in training steps (a budget), keeping the best weights; 45 fits the default
+    # (10 epochs of poetry-couplets need ~37 min on 2 AVX2 cores) and ends a slower machine's run in time
+    max_minutes: float | None = Field(default=45.0, gt=0)
     batch_size: int = 64  # couplets of one length per batch (seed: 64)
     lr: float = 1e-3  # Adam
     # constant (the seed) or cosine: linear warm-up over warmup_steps, then cosine decay to 0 at the end of the
-    # run (the end being epochs/max_steps, or max_minutes when that comes first)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
-    ema_decay: float | None = Field(default=None, gt=0, lt=1)  # validate and keep an exponential moving average of the weights (e.g. 0.999)
+    # run (the end being epochs/max_steps, or max_minutes when that comes first). Default: cosine, warm-up 500
+    # (at most a tenth of the run) and the weights' moving average, which won the budgeted ablation (docs/benchmarks.md)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=500, ge=0)
+    ema_decay: float | None = Field(default=0.999, gt=0, lt=1)  # validate and keep an exponential moving average of the weights (decay warmed up, see train.ema_update)
     max_len: int = 16  # the seed drops couplets longer than 16 characters from training
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
