@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_SOURCE = "https://github.com/wb14123/couplet-dataset/releases/download/1.0/couplet.tar.gz"
 
@@ -61,12 +61,21 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     # gated_cnn: the seed's labeller. refine: the same, then `refine_blocks` more gated blocks that relabel each
     # position seeing the first pass's own answer (see couplet/model.py and docs/design.md)
-    kind: Literal["gated_cnn", "refine"] = "gated_cnn"
+    # attention: the same, then `attn_layers` bidirectional self-attention layers over the whole line
+    kind: Literal["gated_cnn", "refine", "attention"] = "gated_cnn"
     embed_dim: int = 128  # the seed's character embedding size
     n_blocks: int = 6  # residual gated conv blocks (seed: 6)
     kernel_size: int = 3  # 'same' padding keeps the line length
     dropout: float = 0.25  # after the embedding, as in the seed
     refine_blocks: int = Field(default=3, ge=1)  # refine kind only: gated blocks of the relabelling pass
+    attn_layers: int = Field(default=2, ge=1)  # attention kind only: self-attention layers after the gated blocks
+    attn_heads: int = Field(default=4, ge=1)  # attention kind only: heads per layer (must divide embed_dim)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.kind == "attention" and self.embed_dim % self.attn_heads:
+            raise ValueError(f"model.attn_heads ({self.attn_heads}) must divide model.embed_dim ({self.embed_dim})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -157,6 +166,8 @@ def _error(section: str, exc: ValidationError) -> ConfigError:
     expected = _expected(known[key].annotation) if key in known else None
     if expected and not error["type"].startswith(("greater_than", "less_than")):  # a range error says the range
         return ConfigError(f"{section}.{key}: expected {expected}, got {error.get('input')!r}")
+    if not key:  # a check across fields: the message names them
+        return ConfigError(f"{section}: {error['msg'].removeprefix('Value error, ')}")
     return ConfigError(f"{section}.{key}: {error['msg']}")
 
 

@@ -138,9 +138,37 @@ class RefiningLabeller(CoupletLabeller):
         return None, draft_loss + final
 
 
-MODEL_KINDS: dict[str, type[CoupletLabeller]] = {"gated_cnn": CoupletLabeller, "refine": RefiningLabeller}
+class AttentionLabeller(CoupletLabeller):
+    """kind "attention": the seed's gated blocks (local context and, through their padding, position), then
+    `attn_layers` bidirectional self-attention layers (pre-norm Transformer encoder layers), so every position
+    sees the whole upper line: a couplet's second clause can answer to its first however far apart they are.
+    """
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig):
+        super().__init__(vocab_size, cfg)
+        self.attention = nn.ModuleList(
+            nn.TransformerEncoderLayer(cfg.embed_dim, cfg.attn_heads, dim_feedforward=2 * cfg.embed_dim, dropout=0.1,
+                                       batch_first=True, norm_first=True)
+            for _ in range(cfg.attn_layers)
+        )
+
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        x = super().features(ids)  # (B, L, d), zero at PAD
+        pad = ids == PAD  # (B, L)
+        padding_mask = pad if bool(pad.any()) else None  # equal-length training batches need no mask
+        for layer in self.attention:
+            x = layer(x, src_key_padding_mask=padding_mask)  # (B, L, d)
+        return x.masked_fill(pad.unsqueeze(-1), 0.0) if padding_mask is not None else x
+
+
+MODEL_KINDS: dict[str, type[CoupletLabeller]] = {"gated_cnn": CoupletLabeller, "refine": RefiningLabeller,
+                                                 "attention": AttentionLabeller}
 # fields whose default changed after folders were written without them: such a folder meant the old value
-_FORMER_DEFAULTS = {"model": {"kind": "gated_cnn"}, "decode": {"lm_weight": 0.0}}
+_FORMER_DEFAULTS = {
+    "model": {"kind": "gated_cnn"},
+    "train": {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": None, "max_minutes": None},
+    "decode": {"lm_weight": 0.0},
+}
 
 
 def build_labeller(vocab_size: int, cfg: ModelConfig) -> CoupletLabeller:

@@ -42,6 +42,7 @@ VARIANTS: dict[str, list[str]] = {
     "wide-cosine-ema": ["model.embed_dim=256", *COSINE_EMA],
     "deep-cosine-ema": ["model.n_blocks=10", *COSINE_EMA],
     "dropout-cosine-ema": ["model.dropout=0.4", *COSINE_EMA],
+    "attention-cosine-ema": ["model.kind=attention", *COSINE_EMA],
 }
 
 

@@ -150,7 +150,7 @@ def test_configs_seed_yaml_is_the_seed_recipe_whatever_the_defaults():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.kind=lstm", r"^model\.kind: .*'gated_cnn' or 'refine'"),
+        ("model.kind=lstm", r"^model\.kind: .*'gated_cnn', 'refine' or 'attention'"),
         ("decode.lm_weight=-0.5", r"^decode\.lm_weight: .*greater than or equal to 0"),
         ("train.ema_decay=1.5", r"^train\.ema_decay: .*less than 1"),
         ("train.lr_schedule=linear", r"^train\.lr_schedule: .*'constant' or 'cosine'"),

@@ -225,6 +225,32 @@ def test_refine_pad_positions_do_not_leak():
         torch.testing.assert_close(model(torch.tensor([[5, 6, 7, PAD]]))[0][:, :3], model(torch.tensor([[5, 6, 7]]))[0])
 
 
+def test_attention_kind_sees_the_whole_line_and_pad_does_not_leak():
+    from couplet.model import AttentionLabeller, build_labeller
+
+    torch.manual_seed(0)
+    model = build_labeller(50, SMALL.model_copy(update={"kind": "attention", "attn_layers": 2})).eval()
+    assert isinstance(model, AttentionLabeller) and len(model.attention) == 2
+    ids = torch.randint(2, 50, (1, 12))
+    far = ids.clone()
+    far[0, 11] = 2 if ids[0, 11] != 2 else 3  # beyond the gated blocks' receptive field of position 0 (2 blocks: 2 each side)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids)[0][0, 0], model(far)[0][0, 0])  # attention reaches it
+        model.embedding.weight[PAD] = 100.0
+        torch.testing.assert_close(model(torch.tensor([[5, 6, 7, PAD]]))[0][:, :3], model(torch.tensor([[5, 6, 7]]))[0])
+    model.train()
+    _, loss = model(ids, torch.randint(2, 50, (1, 12)))
+    loss.backward()
+    assert all(p.grad is not None for p in model.attention.parameters())
+
+
+def test_attention_heads_must_divide_the_width():
+    from couplet.config import ConfigError, apply_overrides
+
+    with pytest.raises(ConfigError, match=r"^model: model\.attn_heads \(3\) must divide model\.embed_dim \(128\)$"):
+        apply_overrides(Config(), ["model.kind=attention", "model.attn_heads=3"])
+
+
 def test_each_kind_saves_and_loads_with_its_kind(tmp_path):
     from couplet.config import replace
     from couplet.model import MODEL_KINDS, build_labeller
@@ -245,9 +271,13 @@ def test_a_folder_without_kind_or_lm_weight_keeps_the_former_defaults(tmp_path):
     save_labeller(tiny_model(len(vocab)), vocab, Config(model=SMALL), tmp_path / "m")
     raw = json.loads((tmp_path / "m" / "config.json").read_text())
     del raw["model"]["kind"], raw["decode"]["lm_weight"], raw["decode"]["beam_size"]  # as an older version wrote it
+    for key in ("lr_schedule", "warmup_steps", "ema_decay", "max_minutes"):
+        del raw["train"][key]
     (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
     model, _, config = load_labeller(tmp_path / "m")
     assert type(model) is CoupletLabeller and config.model.kind == "gated_cnn" and config.decode.lm_weight == 0.0
+    t = config.train  # how such a folder was trained, whatever the defaults are now
+    assert (t.lr_schedule, t.warmup_steps, t.ema_decay, t.max_minutes) == ("constant", 0, None, None)
 
 
 def test_unknown_kind_is_a_one_line_config_error():
