@@ -43,6 +43,7 @@ VARIANTS: dict[str, list[str]] = {
     "deep-cosine-ema": ["model.n_blocks=10", *COSINE_EMA],
     "dropout-cosine-ema": ["model.dropout=0.4", *COSINE_EMA],
     "attention-cosine-ema": ["model.kind=attention", *COSINE_EMA],
+    "cosine-ema-lr2e-3": ["train.lr=0.002", *COSINE_EMA],
 }
 
 
