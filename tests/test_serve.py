@@ -558,8 +558,8 @@ def test_cli_serve_default_worker_count(model_dir, monkeypatch, cores, args, wor
         assert os.environ["COUPLET_SERVE_BATCHING"] == "1"
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_cli_serve_loads_once_and_binds_loopback(model_dir, tmp_path, workers):
+@pytest.mark.parametrize("workers, stop", [(1, signal.SIGINT), (2, signal.SIGTERM)])
+def test_cli_serve_loads_once_and_binds_loopback(model_dir, tmp_path, workers, stop):
     port = _free_port()
     env = {**os.environ, "COUPLET_HOME": str(tmp_path)}
     proc = subprocess.Popen(
@@ -583,11 +583,35 @@ def test_cli_serve_loads_once_and_binds_loopback(model_dir, tmp_path, workers):
             answers = list(pool.map(lambda _: httpx.post(f"http://127.0.0.1:{port}/api/match", json={"upper": UPPER}, timeout=10), range(16)))
         assert {a.status_code for a in answers} == {200}
         assert len({a.json()["candidates"][0]["lower"] for a in answers}) == 1  # every worker loaded the same model
+        started = _descendants(proc.pid)
+        assert len(started) >= workers - 1, started  # uvicorn's worker processes (the supervisor is `proc`)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, stop)  # the parent only, as systemd or a container runtime would
         _, err = proc.communicate(timeout=20)
     assert f"127.0.0.1:{port}/ with {workers} worker" in err, err
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + stop, err
+    assert err.strip().splitlines()[-1] == f"interrupted: {signal.Signals(stop).name}; the server stopped", err
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in started if Path(f"/proc/{pid}").exists()], "a server worker outlived couplet serve"
+
+
+def _descendants(root: int) -> set[int]:
+    """Live processes below `root`, through /proc (Linux; an empty set elsewhere)."""
+    parents = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 def test_cli_serve_errors_are_one_line(tmp_path, model_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import Optional
 
@@ -106,7 +107,7 @@ def serve(
             fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
         from couplet.serving import create_app
 
-        uvicorn.run(create_app(predictor, batching=batching), **server_kwargs)
+        _serve_until_signalled(lambda: uvicorn.run(create_app(predictor, batching=batching), **server_kwargs))
     else:
         try:  # fail here, once, with a clear message rather than in every worker
             Predictor.load(model_dir, device=device)
@@ -117,4 +118,39 @@ def serve(
         os.environ["COUPLET_SERVE_DEVICE"] = device
         os.environ["COUPLET_SERVE_BATCHING"] = "1" if batching else "0"
         os.environ["COUPLET_SERVE_THREADS"] = str(threads)
-        uvicorn.run("couplet.serving.app:app_from_env", factory=True, workers=workers, **server_kwargs)
+        _serve_until_signalled(lambda: uvicorn.run("couplet.serving.app:app_from_env", factory=True, workers=workers, **server_kwargs))
+
+
+def _serve_until_signalled(run_server) -> None:
+    """Run the server; when SIGINT or SIGTERM stopped it (uvicorn drains requests and stops its workers first),
+    print one line and exit 130 or 143.
+
+    One worker: uvicorn re-raises the signal it caught once it has shut down, which reaches `record`. Several:
+    its supervisor keeps the signal to itself, so the interpreter's wakeup fd (written by the C-level handler
+    whatever Python handler runs) tells which signal arrived.
+    """
+    received: list[int] = []
+
+    def record(signum: int, frame) -> None:
+        received.append(signum)
+
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_server()
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        try:
+            received += [b for b in reader.recv(256) if b in (signal.SIGINT, signal.SIGTERM)]
+        except BlockingIOError:
+            pass
+        reader.close()
+        writer.close()
+    if received:
+        typer.echo(f"interrupted: {signal.Signals(received[-1]).name}; the server stopped", err=True)
+        raise typer.Exit(128 + received[-1])
