@@ -19,6 +19,7 @@ last (train, which resumes from checkpoints, and evaluate, which writes into the
 from __future__ import annotations
 
 import ast
+import errno
 import functools
 import hashlib
 import logging
@@ -149,6 +150,10 @@ def outputs_intact(folder: Path, manifest: dict) -> bool:
     return damaged_output(folder, manifest) is None
 
 
+class DiskFull(OSError):
+    """A stage's write failed for lack of space: one line naming the stage and what to do."""
+
+
 def run_cached(
     stage: str,
     key: str,
@@ -178,7 +183,14 @@ def run_cached(
         log.warning("%s: the cached output in %s is damaged (%s); rebuilding it", stage, out_dir, damage)
 
     def finish(folder: Path) -> dict:
-        fields = produce(folder)
+        try:
+            fields = produce(folder)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = "its model folder" if in_place else "a temporary folder; the cached outputs are untouched"
+            raise DiskFull(f"{stage}: no space left on the device of {out_dir.parent} (writing {where}); "
+                           "free some space and run again") from None
         names = sorted(outputs) if outputs is not None else sorted(
             str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != manifest_name
         )

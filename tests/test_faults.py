@@ -142,3 +142,69 @@ def test_sigint_mid_data_stages_leaves_nothing_half_written_and_reruns_alike(hom
     assert shards == sorted(p.relative_to(build_dir(undisturbed_home)) for p in build_dir(undisturbed_home).rglob("*.parquet"))
     for shard in shards:
         assert (build_dir(home) / shard).read_bytes() == (build_dir(undisturbed_home) / shard).read_bytes()
+
+
+SMALL_EVAL = ["--set", "train.max_steps=40", "--set", "model.embed_dim=32", "--set", "model.n_blocks=2",
+              "--set", "train.num_threads=1", "--set", "evaluate.n_samples=3", "--set", "train.checkpoint_every=20"]
+
+# `couplet run` with every Parquet write under data/processed/build/ failing as on a full disk
+DISK_FULL_AT_BUILD = """
+import errno, sys
+import pyarrow.parquet as pq
+real_write_table = pq.write_table
+def write_table(table, where, *args, **kwargs):
+    if "/data/processed/build/" in str(where):
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+    return real_write_table(table, where, *args, **kwargs)
+pq.write_table = write_table
+sys.argv = ["couplet", *sys.argv[1:]]
+from couplet.cli import main
+main()
+"""
+
+
+def _match(home: Path) -> dict:
+    env = {**os.environ, "COUPLET_HOME": str(home)}
+    proc = subprocess.run([*COUPLET, "match", "春风花月", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_disk_full_during_build_is_one_line_and_the_champion_still_answers(home, prefect_home, tarball):
+    first = _run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *SMALL_EVAL)
+    run_id = Path(first["model"]).name
+    env = _env(home, prefect_home)
+    promoted = subprocess.run([*COUPLET, "champion", "set", run_id, "--force"], env=env, capture_output=True, text=True, timeout=60)
+    assert promoted.returncode == 0, promoted.stderr
+    before = _match(home)
+    assert before["model"] == run_id
+    processed = home / "data" / "processed"
+    builds_before = sorted(p.name for p in (processed / "build").iterdir())
+
+    # another min_count: a new build, whose shard writes find the disk full
+    full = subprocess.run([sys.executable, "-c", DISK_FULL_AT_BUILD, "run", "--source", str(tarball), "--until", "evaluate",
+                           *SMALL_EVAL, "--set", "data.min_count=1"], env=env, cwd=home, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: build: no space left on the device of ") and last.endswith("free some space and run again"), last
+    assert sorted(p.name for p in (processed / "build").iterdir()) == builds_before  # nothing half-written visible
+    assert _match(home) == before  # the champion answers as before
+
+    again = _run(home, prefect_home, "--source", str(tarball), "--until", "build", "--set", "data.min_count=1")
+    assert again["stages"]["build"]["status"] == "completed"  # space back: the same command completes
+
+
+def test_two_runs_at_once_on_one_home_agree(home, prefect_home, tarball):
+    args = ["--source", str(tarball), "--until", "build", "--json"]
+    runs = [subprocess.Popen([*COUPLET, "run", *args], env=_env(home, prefect_home), cwd=home,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-1500:] for _, err in outputs]
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert summaries[0]["counts"] == summaries[1]["counts"]
+    assert summaries[0]["dataset_version"] == summaries[1]["dataset_version"]
+    processed = home / "data" / "processed"
+    assert len(list((processed / "build").iterdir())) == 1  # one content-addressed version, no leftovers
+    assert not [p for p in processed.rglob("*") if p.name.startswith((".tmp-", ".old-"))]
+    cached = _run(home, prefect_home, *args[:-1])
+    assert {v["status"] for v in cached["stages"].values()} == {"cached"}

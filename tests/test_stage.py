@@ -158,6 +158,26 @@ def test_manifest_without_hashes_still_reuses(tmp_path):
     assert run_cached("build", "k", out, _producer(calls))["status"] == "cached"
 
 
+def test_disk_full_is_one_line_and_leaves_the_cached_version(tmp_path):
+    import errno
+
+    from couplet.stage import DiskFull
+
+    out = tmp_path / "data" / "processed" / "build" / "k"
+    run_cached("build", "k", out, _producer([]))
+
+    def produce(folder: Path) -> dict:
+        (folder / "out.txt").write_text("half", encoding="utf-8")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull) as info:
+        run_cached("build", "k", out, produce, force=True)
+    assert str(info.value) == (f"build: no space left on the device of {out.parent} (writing a temporary folder; "
+                               "the cached outputs are untouched); free some space and run again")
+    assert (out / "out.txt").read_text(encoding="utf-8") == "hello"
+    assert [p.name for p in out.parent.iterdir()] == ["k"]
+
+
 def test_a_failing_stage_leaves_nothing_behind(tmp_path):
     out = tmp_path / "data" / "processed" / "validate" / "k"
 
