@@ -20,8 +20,9 @@ from couplet.atomic import atomic_path
 from couplet.config import Config
 
 log = logging.getLogger("couplet.train")
-# train fields that change how long a run goes, not its trajectory: a checkpoint stays valid across them
-RUN_LENGTH_FIELDS = ("epochs", "max_steps", "checkpoint_every", "num_threads", "patience")
+# train fields that change how long a run goes, or how it is run, not its trajectory: a checkpoint stays valid
+# across them (a checkpoint holds the global batch position, so a run resumes with any number of processes)
+RUN_LENGTH_FIELDS = ("epochs", "max_steps", "checkpoint_every", "num_threads", "patience", "nproc")
 
 
 @dataclass

@@ -99,6 +99,10 @@ class TrainConfig(_Section):
     eval_every: int | None = None  # steps between validation passes; None = once per epoch
     patience: int = 3  # validation passes without improvement before early stopping
     num_threads: int | None = None  # torch CPU threads; None = torch default
+    # processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL with one GPU each); each global batch of
+    # batch_size is split across them, so batch_size must be a multiple of nproc. 1 = one process, no process
+    # group, couplet.distributed never loaded (couplet/distributed.py, docs/operate.md "Training on several processes, GPUs or machines")
+    nproc: int = Field(default=1, ge=1)
     compile: bool = False  # torch.compile the model (CUDA)
     # bf16 autocast on CPU too (fp32 weights): ~1.4x faster steps on CPUs with native bf16 (AVX512-BF16/AMX),
     # ~30x slower on AVX2-only ones; "auto" turns it on only where the CPU has it

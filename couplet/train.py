@@ -5,7 +5,9 @@ helper, the loop, then the outputs. A run is resumable: every `checkpoint_every`
 (weights, optimiser, data position, RNG, best-so-far, and the `TrainState`: step, history, early-stopping
 count, timings; see couplet/checkpoint.py) goes to `model_dir/checkpoints/last.pt`, and a later call with
 the same config carries on from there and ends exactly where an uninterrupted run ends. Probe lines, the
-progress bar and the loss curve are in couplet/progress.py.
+progress bar and the loss curve are in couplet/progress.py. With train.nproc > 1 the same loop runs in every
+rank of a torchrun job (DistributedDataParallel; couplet/distributed.py says how batches, decisions and
+checkpoints are shared); with nproc 1 no process group is started and couplet.distributed is never loaded.
 """
 
 from __future__ import annotations
@@ -181,27 +183,40 @@ def _validate(model, valid, device, autocast, patience: int, state: TrainState, 
     return best_weights
 
 
-def train_labeller(build_dir: Path, config: Config, model_dir: Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
+def train_labeller(build_dir: Path, config: Config, model_dir: Path, *, progress: bool = True, stop_after: int | None = None,
+                   ranks=None) -> dict:
     """Train on `build_dir`'s train split (valid for early stopping) and write `model_dir`.
 
     Returns a summary: model_dir, steps, epochs, best_valid_loss, tokens_per_s, seconds, device, resumed_from.
     `stop_after` (tests only) raises TrainingInterrupted after that global step, as a kill would.
+    With train.nproc > 1 (and no `ranks`) the run is handed to torchrun (couplet.distributed.launch_training),
+    whose workers call this again with their `ranks` (a couplet.distributed.Ranks); rank 0 writes `model_dir`.
     """
     tc = config.train
     build_dir, model_dir = Path(build_dir), Path(model_dir)
+    if tc.nproc > 1 and ranks is None:
+        if stop_after is not None:
+            raise ValueError("stop_after is for single-process runs (train.nproc=1)")
+        from couplet.distributed import launch_training
+
+        return launch_training(build_dir, config, model_dir, progress=progress)
     previous_threads = torch.get_num_threads()
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     try:
-        return _train(build_dir, config, model_dir, progress, stop_after)
+        return _train(build_dir, config, model_dir, progress, stop_after, ranks)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, stop_after: int | None) -> dict:
+def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, stop_after: int | None, ranks=None) -> dict:
     tc = config.train
     started = time.perf_counter()
     device = pick_device(tc.device)
+    main, world = (True, 1) if ranks is None else (ranks.is_main, ranks.world)  # main: the process that writes
+    if ranks is not None:
+        device = ranks.place(device)
+        ranks.check_batch(tc.batch_size)
     autocast = make_autocast(device, device.type == "cpu" and resolve_cpu_bf16(tc.cpu_bf16))
     model_dir.mkdir(parents=True, exist_ok=True)
 
@@ -220,7 +235,9 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
     fingerprint = run_fingerprint(config, len(vocab), manifest.get("key"))
     model, optimizer, ema = _build(config, len(vocab), device)
     state, best_weights, resumed_from = TrainState(), None, None
-    ckpt = load_checkpoint(ckpt_path, fingerprint)
+    ckpt = load_checkpoint(ckpt_path, fingerprint) if main else None
+    if ranks is not None:
+        ckpt = ranks.broadcast_object(ckpt)  # read once, by rank 0: every rank resumes from the same state
     if ckpt is not None:
         try:
             state, best_weights = restore(ckpt, model, optimizer, batches, device, ema)
@@ -231,17 +248,26 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
             model, optimizer, ema = _build(config, len(vocab), device)
             batches = LengthBucketBatches(train, tc.batch_size, seed=tc.seed)
             state = TrainState()
-    if resumed_from is None:
+    if resumed_from is None and main:
         samples_path.unlink(missing_ok=True)
-    step_model = torch.compile(model) if tc.compile else model
+    step_model = model
+    if ranks is not None:
+        ranks.seed_dropout(tc.seed, state.step)
+        ranks.seconds = state.train_seconds
+        step_model = ranks.wrap(model)
+    step_model = torch.compile(step_model) if tc.compile else step_model
     loss_sum = torch.zeros((), device=device)  # train loss since the last flush, summed on the device
     tokens, step_seconds = 0, 0.0  # this call's tokens trained and time in steps (not evals or checkpoints)
     kept = ema.module if ema is not None else model  # the weights validated, kept and saved
     validate = functools.partial(_validate, kept, valid, device, autocast, tc.patience, state, loss_sum)
+    if not main:
+        validate = lambda best_weights: best_weights  # noqa: E731 — rank 0 validates; agree() shares its decision
     budget_s = 60 * tc.max_minutes if tc.max_minutes else math.inf
     out_of_time = False
 
     def checkpoint() -> None:
+        if not main:
+            return
         state.flush(loss_sum)
         so_far = dataclasses.replace(state, seconds=state.seconds + time.perf_counter() - started,
                                      tokens=state.tokens + tokens, train_seconds=state.train_seconds + step_seconds)
@@ -249,15 +275,18 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
                         batches=batches, best_weights=best_weights, progress=so_far, device=device, ema=ema)
 
     # the loop
-    bar = progress_bar(total_steps, state.step, progress)
+    bar = progress_bar(total_steps, state.step, progress and main)
     model.train()
     try:
         while state.step < total_steps and not state.stopped_early and not out_of_time:
             tick = time.perf_counter()
             for up, down in batches:
+                if ranks is not None:
+                    up, down = ranks.shard(up, down)  # this rank's slice of the global batch
                 up, down = up.to(device, non_blocking=True), down.to(device, non_blocking=True)
                 if tc.lr_schedule != "constant":
-                    factor = lr_factor(tc, state.step, total_steps, state.train_seconds + step_seconds)
+                    clock = state.train_seconds + step_seconds if ranks is None else ranks.seconds  # rank 0's, shared
+                    factor = lr_factor(tc, state.step, total_steps, clock)
                     for group in optimizer.param_groups:
                         group["lr"] = tc.lr * factor
                 loss = train_step(step_model, optimizer, up, down, autocast)
@@ -266,7 +295,7 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
                 loss_sum += loss
                 state.step += 1
                 state.run_steps += 1
-                tokens += up.numel()  # non-PAD tokens: batches are equal-length, never padded
+                tokens += up.numel() * world  # non-PAD tokens of the global batch: equal-length, never padded
                 step_seconds += time.perf_counter() - tick
                 if bar is not None:
                     bar.update(1)
@@ -281,24 +310,34 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
                 if stop_after is not None and state.step >= stop_after:
                     raise TrainingInterrupted(f"stopped after step {state.step} (stop_after)")
                 out_of_time = state.train_seconds + step_seconds >= budget_s
+                if ranks is not None:  # stop only where every rank learns of it: rank 0's decisions, at sync points
+                    sync = state.step % ranks.sync_every == 0 or bool(tc.eval_every and state.step % tc.eval_every == 0)
+                    out_of_time = sync and ranks.agree(state, out_of_time, state.train_seconds + step_seconds)
                 if state.step >= total_steps or state.stopped_early or out_of_time:
                     break
                 tick = time.perf_counter()
             if batches.position == 0:  # the epoch ran to its end
                 if not tc.eval_every:
                     best_weights = validate(best_weights)
-                title = f"epoch {batches.epoch} · step {state.step}"
-                append_samples(samples_path, title, PROBE_LINES, argmax_lines(kept, vocab, PROBE_LINES, device), progress)
+                if ranks is not None:
+                    out_of_time = ranks.agree(state, state.train_seconds + step_seconds >= budget_s, state.train_seconds + step_seconds)
+                if main:
+                    title = f"epoch {batches.epoch} · step {state.step}"
+                    append_samples(samples_path, title, PROBE_LINES, argmax_lines(kept, vocab, PROBE_LINES, device), progress)
     except BaseException as exc:
         if isinstance(exc, Exception) or tokens == 0:
             raise  # an error: the state may be inconsistent, the last periodic checkpoint stays
         # SIGINT (KeyboardInterrupt) or SIGTERM (Prefect's TerminationSignal): keep what this run trained
-        checkpoint()
-        log.warning("interrupted at step %d: checkpoint saved to %s; the next run resumes from it", state.step, ckpt_path)
+        checkpoint()  # rank 0's only, under torchrun
+        if main:
+            log.warning("interrupted at step %d: checkpoint saved to %s; the next run resumes from it", state.step, ckpt_path)
         raise
     finally:
         if bar is not None:
             bar.close()
+
+    if not main:  # rank 0 writes the outputs
+        return {"model_dir": str(model_dir), "rank": ranks.rank, "steps": state.step}
 
     # outputs: best weights, config, vocab, metrics, curve, final samples
     if not state.history or state.history[-1][2] is None or state.history[-1][0] != state.step:
@@ -324,6 +363,7 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
         "seconds": round(state.seconds + time.perf_counter() - started, 2),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "processes": world,  # train.nproc (torchrun ranks); tokens_per_s counts every rank's tokens
         "resumed_from": resumed_from,
         "train_rows": count_rows(train),
         "valid_rows": count_rows(valid),
