@@ -3,10 +3,15 @@
     .venv/bin/python scripts/bench_train.py                      # synthetic: vocab 6000, lengths 5 and 7, batch 64
     .venv/bin/python scripts/bench_train.py --build-dir data/processed/build/<key>
     .venv/bin/python scripts/bench_train.py --threads 2 --loss plain --adam loop   # the variants measured
+    .venv/bin/python scripts/bench_train.py --nproc 2          # 1 process, then 2 under torchrun (DDP, gloo)
 
 Runs the trainer's own step (couplet.train.train_step) on the seed config for --warmup steps, then times
 --steps steps, --repeats times, and reports the best and median repeat. The machine may be shared, so
 the 1-minute load average is printed too: with 2 threads on 2 busy cores, OpenMP barriers wreck timings.
+
+--nproc N measures one process (torch's default threads, or --threads) and then N processes under torchrun,
+each a DistributedDataParallel rank taking batch_size / N rows of every global batch (as train.nproc does;
+couplet/distributed.py) with cores / N threads; tokens_per_s there counts the global batch.
 """
 
 from __future__ import annotations
@@ -72,8 +77,45 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kind", choices=sorted(MODEL_KINDS), default="gated_cnn", help="model.kind")
+    ap.add_argument("--nproc", type=int, default=1, help="also measure this many processes under torchrun (DDP)")
+    ap.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun rank of --nproc
     args = ap.parse_args()
+    if args.ddp_worker:
+        import torch.distributed as dist
 
+        from couplet.distributed import Ranks
+
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        result = measure(args, Ranks())
+        if dist.get_rank() == 0:
+            print(json.dumps(result))
+        dist.destroy_process_group()
+        return
+    if args.nproc > 1:
+        print(json.dumps(compare_nproc(args)))
+        return
+    print(json.dumps(measure(args)))
+
+
+def compare_nproc(args) -> dict:
+    """One process in this one, then args.nproc under torchrun: {"nproc_1": ..., "nproc_N": ..., "ratio": N/1}."""
+    import subprocess
+
+    single = measure(args)
+    argv = list(sys.argv[1:])
+    at = argv.index("--nproc")
+    del argv[at : at + 2]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+           __file__, *argv, "--ddp-worker", "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+    multi = json.loads(out.strip().splitlines()[-1])
+    return {"nproc_1": single, f"nproc_{args.nproc}": multi,
+            "ratio": round(multi["tokens_per_s"] / single["tokens_per_s"], 3), "cores": os.cpu_count()}
+
+
+def measure(args, ranks=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -86,12 +128,18 @@ def main() -> None:
         buckets = synthetic_buckets(vocab_size, [int(x) for x in args.lengths.split(",")], rows=4096)
     batches = LengthBucketBatches(buckets, args.batch_size, seed=0)
 
+    if ranks is not None:
+        device = ranks.place(device)
     model = build_labeller(vocab_size, ModelConfig(kind=args.kind)).to(device)
     if args.adam == "fused":
         optimizer = make_optimizer(model, 1e-3)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=args.adam == "foreach")
     step_model = PlainLoss(model) if args.loss == "plain" else model
+    if ranks is not None:
+        ranks.check_batch(args.batch_size)
+        step_model = ranks.wrap(step_model)
+    world = 1 if ranks is None else ranks.world
     if args.compile:
         step_model = torch.compile(step_model)
     if args.bf16:
@@ -108,12 +156,16 @@ def main() -> None:
     stream = batch_stream()
 
     def run(n: int) -> tuple[int, float, float]:
+        if ranks is not None:
+            torch.distributed.barrier()  # the ranks start each repeat together
         tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
         for _ in range(n):
             up, down = next(stream)
+            if ranks is not None:
+                up, down = ranks.shard(up, down)  # this rank's slice of the global batch
             up, down = up.to(device), down.to(device)
             loss = train_step(step_model, optimizer, up, down, autocast)
-            tokens += int((up != PAD).sum())
+            tokens += int((up != PAD).sum()) * world  # the global batch's tokens
         float(loss)  # sync
         return tokens, time.perf_counter() - t0, time.process_time() - c0
 
@@ -122,8 +174,8 @@ def main() -> None:
     for _ in range(args.repeats):
         tokens, seconds, cpu_seconds = run(args.steps)
         rates.append(tokens / seconds)
-        cpu_rates.append(tokens / cpu_seconds)
-    print(json.dumps({
+        cpu_rates.append(tokens / (cpu_seconds * world))  # DDP: rank 0's CPU time, taken as every rank's
+    return {
         "tokens_per_s": round(max(rates)),
         "tokens_per_s_median": round(statistics.median(rates)),
         "repeats": [round(r) for r in rates],
@@ -134,7 +186,8 @@ def main() -> None:
         "lengths": sorted(batches.buckets), "threads": torch.get_num_threads(),
         "loss": args.loss, "adam": args.adam, "bf16": args.bf16, "compile": args.compile,
         "device": str(device), "torch": torch.__version__, "data": str(args.build_dir or "synthetic"),
-    }))
+        "processes": world,
+    }
 
 
 if __name__ == "__main__":
