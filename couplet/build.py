@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,13 +22,21 @@ import pyarrow.parquet as pq
 
 from couplet.catalog import Catalog
 from couplet.config import DataConfig
-from couplet.raw import sha256_file
 from couplet.stage import run_cached, stage_key
 from couplet.vocab import Vocab
 
 SPLITS = ("train", "valid", "test")
 ROW_GROUP = 65_536
 HASH_BUCKETS = 1_000_000
+
+# How the stage runs its partitions (one per line length): `partitions(fn, calls)` returns
+# `[fn(*args) for args in calls]`, in order, computed wherever it likes (flows/pipeline.py submits each
+# call as a Prefect task: threads, or Dask workers). None: here, one by one.
+Partitions = Callable[[Callable[..., Any], list[tuple]], list[Any]]
+
+
+def _map(partitions: Partitions | None, fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
+    return partitions(fn, calls) if partitions is not None else [fn(*call) for call in calls]
 
 
 def build_key(validate_key: str, cfg: DataConfig) -> str:
@@ -93,11 +103,15 @@ def split_length_group(table: pa.Table, length: int, valid_fraction: float) -> d
     return out
 
 
-def vocab_from_codepoints(train_groups: list[tuple[np.ndarray, np.ndarray]], min_count: int) -> Vocab:
-    """Character counts of the train split (both lines) -> Vocab."""
+def char_counts(up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct codepoints of both lines (ascending) and how often each occurs."""
+    return np.unique(np.concatenate([up.ravel(), down.ravel()]), return_counts=True)
+
+
+def vocab_from_counts(group_counts: list[tuple[np.ndarray, np.ndarray]], min_count: int) -> Vocab:
+    """Per-group character counts of the train split (`char_counts`) -> Vocab."""
     counts = Counter()
-    for up, down in train_groups:
-        values, n = np.unique(np.concatenate([up.ravel(), down.ravel()]), return_counts=True)
+    for values, n in group_counts:
         for cp, c in zip(values.tolist(), n.tolist()):
             counts[chr(cp)] += c
     return Vocab.from_counts(counts, min_count=min_count)
@@ -121,44 +135,80 @@ def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.n
     )
 
 
-def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False) -> dict:
-    """Stage 3. Returns a small manifest: status, key, counts, paths (absolute)."""
+def split_partition(group: pa.Table, length: int, valid_fraction: float) -> dict:
+    """Partition step 1, one line length: dedupe and assign splits (`split_length_group`).
+
+    Returns each split's row indices into `group` and the train split's character counts (`char_counts`).
+    """
+    parts = split_length_group(group, length, valid_fraction)
+    return {"indices": {split: idx for split, (idx, _, _) in parts.items()}, "train_counts": char_counts(*parts["train"][1:])}
+
+
+def shard_partition(group: pa.Table, length: int, indices: dict[str, np.ndarray], vocab: Vocab) -> list[dict]:
+    """Partition step 2, one line length: encode each split's rows and serialise its shard.
+
+    Returns per non-empty split the rows, the UNK count of the upper lines and the shard's Parquet
+    bytes; the caller writes them (so only the stage's own process writes into its folder).
+    """
+    shards = []
+    for split in SPLITS:
+        idx = indices[split]
+        if not len(idx):
+            continue
+        rows = group.take(pa.array(idx))
+        up_ids = vocab.encode_codepoints(codepoints(rows["up"], length))
+        down_ids = vocab.encode_codepoints(codepoints(rows["down"], length))
+        sink = pa.BufferOutputStream()
+        pq.write_table(shard_table(rows, length, up_ids, down_ids), sink, compression="zstd", version="2.6", row_group_size=ROW_GROUP)
+        shards.append({"split": split, "rows": len(idx), "unk": int(np.count_nonzero(up_ids == 1)), "parquet": sink.getvalue().to_pybytes()})
+    return shards
+
+
+def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False, partitions: Partitions | None = None) -> dict:
+    """Stage 3. Returns a small manifest: status, key, counts, paths (absolute).
+
+    `partitions` runs the per-length work (see `Partitions`); the vocabulary is merged and every file
+    written here, into the stage's temporary folder.
+    """
     key = build_key(validated["key"], cfg)
     catalog = Catalog(home)
     out_dir = catalog.stage_dir("build", key)
     validated = catalog.resolved(validated, ("passed_path",))
-    result = run_cached("build", key, out_dir, lambda folder: _build_into(folder, catalog.relative(out_dir), validated, cfg), force=force)
+    result = run_cached("build", key, out_dir, lambda folder: _build_into(folder, catalog.relative(out_dir), validated, cfg, partitions),
+                        force=force)
     return catalog.resolved(result, ("build_dir",))  # recorded relative to the home; the caller gets it under the current home
 
 
-def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfig) -> dict:
-    """Dedupe, split, build the vocabulary and write one shard per split and length into `folder`."""
+def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfig, partitions: Partitions | None = None) -> dict:
+    """Dedupe, split, build the vocabulary and write one shard per split and length into `folder`.
+
+    Two rounds of partitions, one per line length: split (and count the train characters), then,
+    with the vocabulary of all of them, encode and serialise the shards; the files are written here.
+    """
     pairs = pq.read_table(validated["passed_path"], columns=["split", "up", "down"])
     rows_in = pairs.num_rows
     line_lengths = pc.utf8_length(pairs["up"])
-    groups: dict[int, tuple[pa.Table, dict]] = {}
-    for length in sorted(pc.unique(line_lengths).to_pylist()):
-        group = pairs.filter(pc.equal(line_lengths, length))
-        groups[length] = (group, split_length_group(group, length, cfg.valid_fraction))
-    vocab = vocab_from_codepoints([parts["train"][1:] for _, parts in groups.values()], cfg.min_count)
+    groups = {length: pairs.filter(pc.equal(line_lengths, length)) for length in sorted(pc.unique(line_lengths).to_pylist())}
+    del pairs, line_lengths
+    splits = _map(partitions, split_partition, [(group, length, cfg.valid_fraction) for length, group in groups.items()])
+    vocab = vocab_from_counts([part["train_counts"] for part in splits], cfg.min_count)
+    encoded = _map(partitions, shard_partition,
+                   [(group, length, part["indices"], vocab) for (length, group), part in zip(groups.items(), splits)])
 
     shards, counts, lengths, unk = [], {s: 0 for s in SPLITS}, {s: {} for s in SPLITS}, {s: 0 for s in SPLITS}
     vocab.save(folder / "vocab.json")
     for split in SPLITS:
         (folder / split).mkdir()
-    for length, (group, parts) in groups.items():
-        for split in SPLITS:
-            idx, up, down = parts[split]
-            if not len(idx):
-                continue
-            up_ids, down_ids = vocab.encode_codepoints(up), vocab.encode_codepoints(down)
-            table = shard_table(group.take(pa.array(idx)), length, up_ids, down_ids)
+    for length, parts in zip(groups, encoded):
+        for part in parts:
+            split = part["split"]
             rel = f"{split}/len-{length:02d}.parquet"
-            pq.write_table(table, folder / rel, compression="zstd", version="2.6", row_group_size=ROW_GROUP)
-            shards.append({"split": split, "length": length, "rows": len(idx), "path": rel, "sha256": sha256_file(folder / rel)})
-            counts[split] += len(idx)
-            lengths[split][str(length)] = len(idx)
-            unk[split] += int(np.count_nonzero(up_ids == 1))
+            (folder / rel).write_bytes(part["parquet"])
+            shards.append({"split": split, "length": length, "rows": part["rows"], "path": rel,
+                           "sha256": hashlib.sha256(part["parquet"]).hexdigest()})
+            counts[split] += part["rows"]
+            lengths[split][str(length)] = part["rows"]
+            unk[split] += part["unk"]
     return {
         "dataset_version": validated["dataset_version"],
         "validate_key": validated["key"],

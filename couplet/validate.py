@@ -14,6 +14,7 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +30,15 @@ from couplet.stage import run_cached, stage_key
 
 RULES = ("non_empty", "equal_length", "punctuation_aligned", "allowed_chars", "max_length", "up_differs_from_down")
 N_EXAMPLES = 5
+# Rows per partition: each is checked by one task of the flow's task runner (threads, or Dask workers).
+# The outputs do not depend on it: partitions are concatenated back in row order.
+CHUNK_ROWS = 250_000
+PAIR_COLUMNS = ["split", "line_no", "up", "down"]
+FRAME_COLUMNS = [*PAIR_COLUMNS, "up_len", "down_len", "up_punct", "down_punct", "up_differs"]  # what the GX suite reads
+
+# How a stage runs its partitions: `partitions(fn, calls)` returns `[fn(*args) for args in calls]`, in order,
+# computed wherever it likes (flows/pipeline.py submits each call as a Prefect task). None: here, one by one.
+Partitions = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
 
 class ValidationFailed(RuntimeError):
@@ -158,13 +168,75 @@ def _register_report(home: Path, entry: dict) -> None:
         atomic_write_json(index_path, index)
 
 
-def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False, flow_run_id: str | None = None) -> dict:
-    """Stage 2. Returns a small manifest; raises ValidationFailed when the batch is unusable."""
+def check_partition(chunk: pa.Table, max_len: int) -> dict:
+    """The row rules over one partition of the pairs (columns split, line_no, up, down).
+
+    Returns the GX frame's columns (`frame`), which rows are rejected (`rejected`), the rejects with
+    the rules they broke, the rows per rule, the first examples per rule and the upper-line lengths.
+    A pure function of its arguments: it runs in a thread or on a Dask worker alike.
+    """
+    table = add_rule_columns(chunk, max_len)
+    failures = rule_failures(table, max_len)
+    any_failure = failures[RULES[0]]
+    for rule in RULES[1:]:
+        any_failure = pc.or_(any_failure, failures[rule])
+    rejects = table.filter(any_failure).select(PAIR_COLUMNS)
+    rejected_rules = [pc.filter(failures[rule], any_failure) for rule in RULES]
+    rules_column = pa.array(
+        [[rule for rule, broken in zip(RULES, flags) if broken] for flags in zip(*(a.to_pylist() for a in rejected_rules))]
+        if rejects.num_rows
+        else [],
+        pa.list_(pa.string()),
+    )
+    per_rule = {rule: int(pc.sum(failures[rule]).as_py() or 0) for rule in RULES}
+    examples = {rule: table.filter(failures[rule]).slice(0, N_EXAMPLES).select(PAIR_COLUMNS).to_pylist()
+                for rule in RULES if per_rule[rule]}
+    lengths = {int(item["values"]): int(item["counts"]) for item in pc.value_counts(table["up_len"]).to_pylist()}
+    return {
+        "frame": table.select(FRAME_COLUMNS),
+        "rejected": pa.chunked_array([any_failure], pa.bool_()) if isinstance(any_failure, pa.Array) else any_failure,
+        "rejects": rejects.append_column("rules", rules_column),
+        "per_rule": per_rule,
+        "examples": examples,
+        "lengths": lengths,
+    }
+
+
+def check_partitions(pairs: pa.Table, max_len: int, partitions: Partitions | None = None) -> dict:
+    """`check_partition` over row chunks of `pairs` (through `partitions`), merged back in row order."""
+    calls = [(pairs.slice(start, CHUNK_ROWS), max_len) for start in range(0, max(pairs.num_rows, 1), CHUNK_ROWS)]
+    parts = partitions(check_partition, calls) if partitions is not None else [check_partition(*call) for call in calls]
+    per_rule = {rule: sum(part["per_rule"][rule] for part in parts) for rule in RULES}
+    examples: dict[str, list] = {}
+    lengths: dict[int, int] = {}
+    for part in parts:
+        for rule, rows in part["examples"].items():
+            examples[rule] = (examples.get(rule, []) + rows)[:N_EXAMPLES]
+        for length, n in part["lengths"].items():
+            lengths[length] = lengths.get(length, 0) + n
+    return {
+        "table": pa.concat_tables([part["frame"] for part in parts]),
+        "rejected": pa.chunked_array([chunk for part in parts for chunk in part["rejected"].chunks], pa.bool_()),
+        "rejects": pa.concat_tables([part["rejects"] for part in parts]),
+        "per_rule": per_rule,
+        "examples": {rule: examples[rule] for rule in RULES if rule in examples},
+        "lengths": lengths,
+    }
+
+
+def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False, flow_run_id: str | None = None,
+                 partitions: Partitions | None = None) -> dict:
+    """Stage 2. Returns a small manifest; raises ValidationFailed when the batch is unusable.
+
+    `partitions` runs the row rules of each chunk of rows (see `Partitions`); the GX suite, the report
+    and every file are done here, on the whole batch, into the stage's temporary folder.
+    """
     start = time.perf_counter()
     key = validate_key(ingest["key"], cfg)
     catalog = Catalog(home)
     out_dir = catalog.stage_dir("validate", key)
-    result = run_cached("validate", key, out_dir, lambda folder: _validate_into(folder, out_dir, key, ingest, cfg, home, flow_run_id),
+    result = run_cached("validate", key, out_dir,
+                        lambda folder: _validate_into(folder, out_dir, key, ingest, cfg, home, flow_run_id, partitions),
                         force=force, started=start)
     # the manifest names paths relative to the home; the caller gets them under the current home
     result = catalog.resolved(result, ("passed_path", "rejects_path", "report_path"))
@@ -173,40 +245,22 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
     return result
 
 
-def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: DataConfig, home: Path, flow_run_id: str | None) -> dict:
+def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: DataConfig, home: Path, flow_run_id: str | None,
+                   partitions: Partitions | None = None) -> dict:
     """Check every row and the batch, write the report, and (if the batch passes) passed/rejects into `folder`."""
     catalog = Catalog(home)
-    table = add_rule_columns(pq.read_table(catalog.resolve(ingest["pairs_path"])), cfg.max_len)
-    failures = rule_failures(table, cfg.max_len)
-    any_failure = failures[RULES[0]]
-    for rule in RULES[1:]:
-        any_failure = pc.or_(any_failure, failures[rule])
+    pairs = pq.read_table(catalog.resolve(ingest["pairs_path"]), columns=PAIR_COLUMNS)
+    checked = check_partitions(pairs, cfg.max_len, partitions)
+    table, rejects, per_rule, examples = checked["table"], checked["rejects"], checked["per_rule"], checked["examples"]
     rows_in = table.num_rows
-    rejects = table.filter(any_failure).select(["split", "line_no", "up", "down"])
-    rejected_rules = [pc.filter(failures[rule], any_failure) for rule in RULES]
-    rules_column = pa.array(
-        [[rule for rule, broken in zip(RULES, flags) if broken] for flags in zip(*(a.to_pylist() for a in rejected_rules))]
-        if rejects.num_rows
-        else [],
-        pa.list_(pa.string()),
-    )
-    rejects = rejects.append_column("rules", rules_column)
-    passed = table.filter(pc.invert(any_failure)).select(["split", "line_no", "up", "down"])
-
-    per_rule = {rule: int(pc.sum(failures[rule]).as_py() or 0) for rule in RULES}
-    examples = {}
-    for rule in RULES:
-        if per_rule[rule]:
-            sample = table.filter(failures[rule]).slice(0, N_EXAMPLES).select(["split", "line_no", "up", "down"])
-            examples[rule] = sample.to_pylist()
+    passed = table.filter(pc.invert(checked["rejected"])).select(PAIR_COLUMNS)
     distinct = table.group_by(["up", "down"]).aggregate([]).num_rows
-    lengths = pc.value_counts(table["up_len"]).to_pylist()
     line_counts = ingest.get("line_counts", {})
     counts_equal = all(line_counts.get(f"{s}/in.txt") == line_counts.get(f"{s}/out.txt") for s in ("train", "test"))
 
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{key[:8]}"
-    frame = table.select(["split", "line_no", "up", "down", "up_len", "down_len", "up_punct", "down_punct", "up_differs"]).to_pandas()
+    frame = table.to_pandas()  # FRAME_COLUMNS
     with hold_lock(home, "reports/gx"):  # the GX project files are shared by concurrent runs
         gx_result = run_gx_suite(frame, home, gx_parameters(cfg), run_name=run_id)
     reject_rate = rejects.num_rows / rows_in if rows_in else 1.0
@@ -241,7 +295,7 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
         "rejects_per_rule": per_rule,
         "examples": examples,
         "duplicate_rate": (rows_in - distinct) / rows_in if rows_in else 0.0,
-        "length_histogram": {str(item["values"]): int(item["counts"]) for item in lengths},
+        "length_histogram": {str(length): n for length, n in sorted(checked["lengths"].items())},
         "line_counts": line_counts,
         "gx": gx_record,  # paths in records are relative to the home (Catalog.relative)
         "report_dir": catalog.relative(report_dir),

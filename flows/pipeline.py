@@ -7,14 +7,18 @@ A stage whose output already exists for its cache key ends in a Completed state 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import inspect
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Iterator, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext, get_run_context
 from prefect.states import Completed
 
 from couplet import registry
@@ -27,6 +31,91 @@ from couplet.validate import ValidationFailed, run_validate
 from flows.promote import promote_model
 
 Stage = Literal[STAGES]
+Runner = Literal["local", "dask"]
+RUNNERS = ("local", "dask")
+DASK_CONNECT_TIMEOUT_S = 5  # an existing scheduler that does not answer within this fails the run before anything is written
+DASK_WORKERS_TIMEOUT_S = 30  # ... and one without a single worker after this
+
+
+class DaskUnreachable(RuntimeError):
+    """The Dask scheduler given by --dask-address did not answer (or has no workers); one line."""
+
+
+# ----------------------------------------------------------------------------------------- partitions
+#
+# Validate and build hand their partitions (row chunks; line lengths) to a `partitions(fn, calls)`
+# callable. Here each call becomes a Prefect task run submitted to a task runner: the flow's own
+# ThreadPoolTaskRunner (runner "local": this process) or a DaskTaskRunner opened for stages 2-3
+# (runner "dask"). Partitions get their data as arguments and return results, and only the stage,
+# in this process, writes files - into its temporary folder, renamed into place when all is written
+# (couplet.stage.run_cached) - so a worker needs no shared filesystem, and a failed or late
+# partition cannot leave a file behind. Task runs are named `<stage>-<partition>`, under their stage.
+
+
+# The task runner of the running data stages (None: the flow's own). A context variable, not a task
+# parameter: a parameter would travel with every partition's serialised context, and a Dask client does not.
+_partition_runner: contextvars.ContextVar[Any] = contextvars.ContextVar("couplet_partition_runner", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _partition_task(fn: Callable[..., Any]):
+    return task(fn, name=fn.__name__.replace("_", "-"), cache_policy=NO_CACHE, persist_result=False, retries=0)
+
+
+def _partition_run_name(stage: str, fn: Callable[..., Any], index: int, call: tuple) -> str:
+    if stage == "build":  # the second argument of both build partitions is the line length
+        return f"build-{fn.__name__.split('_')[0]}_len{call[1]:02d}"
+    return f"{stage}-chunk{index:03d}"
+
+
+def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], list[Any]]:
+    """`partitions(fn, calls)` for couplet.validate / couplet.build: one task run per call on the data
+    stages' task runner (`data_task_runner`), results in call order; the first failure raises."""
+
+    def partitions(fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
+        runner = _partition_runner.get() or FlowRunContext.get().task_runner
+        names = list(inspect.signature(fn).parameters)
+        futures = [
+            runner.submit(_partition_task(fn).with_options(task_run_name=_partition_run_name(stage, fn, i, call)), dict(zip(names, call)))
+            for i, call in enumerate(calls)
+        ]
+        return [future.result() for future in futures]
+
+    return partitions
+
+
+@contextlib.contextmanager
+def data_task_runner(runner: Runner, dask_address: str | None) -> Iterator[Any]:
+    """The task runner of the data stages' partitions: None (the flow's own) for "local"; for "dask" a
+    started DaskTaskRunner, on a temporary LocalCluster or connected to `dask_address`, closed on leaving.
+
+    Connects at once, so an unreachable scheduler fails the run before any stage has written anything.
+    """
+    if runner == "local":
+        yield None  # today's path: dask and prefect_dask are never imported
+        return
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        task_runner = DaskTaskRunner(address=dask_address, client_kwargs={"timeout": f"{DASK_CONNECT_TIMEOUT_S}s"})
+    else:  # one single-threaded worker process per core, on loopback, no dashboard
+        task_runner = DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+                                                     "dashboard_address": None})
+    with task_runner:
+        try:
+            client = task_runner.client  # connects (or starts the LocalCluster) now
+        except Exception as exc:  # noqa: BLE001 - OSError/TimeoutError from distributed, ValueError for a bad address
+            where = dask_address or "a temporary LocalCluster"
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise DaskUnreachable(f"cannot reach the Dask scheduler at {where}: {reason}") from None
+        if dask_address:
+            try:
+                client.wait_for_workers(1, timeout=DASK_WORKERS_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - TimeoutError
+                raise DaskUnreachable(f"the Dask scheduler at {dask_address} has no workers (waited {DASK_WORKERS_TIMEOUT_S} s); "
+                                      "start some with: dask worker " + dask_address) from None
+        get_run_logger().info("data stages partitioned on Dask: %s", client)
+        yield task_runner
 
 
 def _finish(result: dict):
@@ -45,7 +134,8 @@ def ingest_dataset(config: Config, home: Path, force: bool) -> dict:
 def validate_dataset(ingested: dict, config: Config, home: Path, force: bool) -> dict:
     run_id = str(get_run_context().task_run.flow_run_id)
     try:
-        result = run_validate(ingested, config.data, home, force=force, flow_run_id=run_id)
+        result = run_validate(ingested, config.data, home, force=force, flow_run_id=run_id,
+                              partitions=_partitions_on("validate"))
     except ValidationFailed as failure:  # the report of a failed batch is what people need to see
         _publish_validation_report(failure.report_md, failure.data_docs_page, passed=False)
         raise
@@ -64,7 +154,7 @@ def _publish_validation_report(report_md: str, data_docs_page: str | None, passe
 
 @task(name="build", cache_policy=NO_CACHE)
 def build_dataset(validated: dict, config: Config, home: Path, force: bool) -> dict:
-    result = run_build(validated, config.data, home, force=force)
+    result = run_build(validated, config.data, home, force=force, partitions=_partitions_on("build"))
     if result["status"] != "cached":
         create_table_artifact(
             key="couplet-dataset-splits",
@@ -107,15 +197,24 @@ STAGE_TASKS = {
 }
 
 
-def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None, promote: bool) -> dict:
+PARTITIONED = ("validate", "build")  # the stages whose partitions run on the chosen task runner
+
+
+def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None, promote: bool,
+                runner: Runner = "local", dask_address: str | None = None) -> dict:
     """Run the stages up to `until` (re-running `force` and every later one), then promote."""
     started = time.perf_counter()
     results: dict[str, dict] = {}
-    for index, name in enumerate(STAGES[: STAGES.index(until) + 1]):
-        stage_task, needs = STAGE_TASKS[name]
-        forced = force is not None and index >= STAGES.index(force)
-        # return_state: a stage that ended in `Cached` still hands on its manifest; errors propagate
-        results[name] = stage_task(*(results[n] for n in needs), config, home, forced, return_state=True).result()
+    with contextlib.ExitStack() as data_stages:
+        token = _partition_runner.set(data_stages.enter_context(data_task_runner(runner, dask_address)))
+        data_stages.callback(_partition_runner.reset, token)
+        for index, name in enumerate(STAGES[: STAGES.index(until) + 1]):
+            if index > STAGES.index(PARTITIONED[-1]):
+                data_stages.close()  # a temporary Dask cluster is not kept through training
+            stage_task, needs = STAGE_TASKS[name]
+            forced = force is not None and index >= STAGES.index(force)
+            # return_state: a stage that ended in `Cached` still hands on its manifest; errors propagate
+            results[name] = stage_task(*(results[n] for n in needs), config, home, forced, return_state=True).result()
     if until == "evaluate" and promote:
         evaluated = results["evaluate"]
         results["promote"] = promote_model(
@@ -135,6 +234,8 @@ def couplet_pipeline(
     config_path: str | None = None,
     force: Stage | None = None,
     promote: bool = True,
+    runner: Runner = "local",
+    dask_address: str | None = None,
 ) -> dict:
     """Ingest → validate → build (→ train → evaluate) the couplet dataset.
 
@@ -145,13 +246,21 @@ def couplet_pipeline(
         config_path: YAML config file.
         force: re-run this stage and every stage after it even if cached.
         promote: after evaluate, make the model champion if it beats the current one.
+        runner: where the partitions of validate and build run: "local" (threads of this process) or
+            "dask" (a Dask cluster; same outputs).
+        dask_address: with runner "dask", the scheduler to use (e.g. tcp://10.0.0.5:8786); none: a
+            temporary LocalCluster on this machine.
     """
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
+    if dask_address and runner != "dask":
+        raise ValueError("a Dask address is for runner 'dask' (--runner dask --dask-address ...)")
     config = load_config(config_path, overrides)
     if promote:
         registry.check_metric(config.promote.metric)  # fail now, not after hours of training
     if source:
         config = with_source(config, source)
-    return _run_stages(config, couplet_home(), until, force, promote)
+    return _run_stages(config, couplet_home(), until, force, promote, runner, dask_address)
 
 
 if __name__ == "__main__":

@@ -43,12 +43,17 @@ def run(
     promote: bool = typer.Option(True, "--promote/--no-promote", help="After evaluate, make the model champion if it beats the current one."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own log lines on the console."),
+    runner: str = typer.Option("local", "--runner", help="Where validate and build run their partitions: local (this process) or dask."),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="With --runner dask: the scheduler, e.g. tcp://host:8786 "
+                                               "(default: a temporary LocalCluster on this machine)."),
 ) -> None:
     """Run the pipeline locally through Prefect (its temporary local server; nothing to start)."""
     if until not in STAGES:
         fail(f"--until must be one of {', '.join(STAGES)}, not {until!r}")
     if force is not None and force not in STAGES:
         fail(f"--force must be one of {', '.join(STAGES)}, not {force!r}")
+    if runner not in ("local", "dask") or (dask_address and runner != "dask"):
+        fail(f"--runner must be local or dask, not {runner!r}" if runner not in ("local", "dask") else "--dask-address needs --runner dask")
     try:
         load_config(config, set_)  # fail fast on bad keys, before Prefect starts
     except ConfigError as exc:
@@ -65,7 +70,7 @@ def run(
         wait_until_ready()
         state = couplet_pipeline(
             source=source, until=until, overrides=list(set_), config_path=str(config) if config else None, force=force, promote=promote,
-            return_state=True
+            runner=runner, dask_address=dask_address, return_state=True
         )
     except BaseException as exc:  # noqa: BLE001 — KeyboardInterrupt, or Prefect's TerminationSignal for SIGTERM
         signum = _received or getattr(exc, "signal", None) or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None)
