@@ -218,7 +218,8 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
         device = ranks.place(device)
         ranks.check_batch(tc.batch_size)
     autocast = make_autocast(device, device.type == "cpu" and resolve_cpu_bf16(tc.cpu_bf16))
-    model_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        model_dir.mkdir(parents=True, exist_ok=True)
 
     # data
     manifest = read_manifest(build_dir)
