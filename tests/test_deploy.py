@@ -43,6 +43,8 @@ SMALL = ["model.embed_dim=32", "model.n_blocks=1", "evaluate.n_samples=2", "trai
 CHAMPION_SETTINGS = ["train.max_steps=30", *SMALL]
 WORSE_SETTINGS = ["train.max_steps=2", *SMALL]  # same data, far fewer steps: a weaker model
 TASKS = ["ingest", "validate", "build", "train", "evaluate", "promote"]
+# a run that trains long enough to be killed mid-way (checkpoints every 20 steps), then ends by its time budget
+KILLED_SETTINGS = ["train.max_minutes=0.25", "train.epochs=100000", "train.checkpoint_every=20", *SMALL]
 
 
 def _free_port() -> int:
@@ -242,5 +244,40 @@ def test_deploy_train_promote_cached_and_worse(operator, tmp_path):
     assert (op.home / "models" / last["run_id"] / "model.safetensors").is_file()
     assert "**not promoted**" in op.artifacts(worse["id"])["couplet-promotion"]["data"]
 
+    # 7. the worker and its flow run killed mid-training (a lost machine): the champion still answers,
+    # nothing half-written is visible, and the same run through a new worker resumes and completes
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", op.cli(
+        "deployment", "run", "couplet-pipeline/train", "-p", f"source={source}", "-p", f"overrides={json.dumps(KILLED_SETTINGS)}",
+    )).group(1)
+    known = {p.parent.parent for p in (op.home / "models").glob("*/checkpoints/last.pt")}
+    deadline = time.monotonic() + 180
+    while not {p.parent.parent for p in (op.home / "models").glob("*/checkpoints/last.pt")} - known:
+        assert time.monotonic() < deadline, f"the run never checkpointed:\n{op.log_tail('worker')}"
+        time.sleep(0.2)
+    server_pid = op.procs[0].pid
+    for pid in _marked_pids(op.token):
+        if pid != server_pid:
+            os.kill(pid, signal.SIGKILL)  # the worker and the flow-run process it spawned
+    registry_before = op.registry()
+    assert registry_before["champion"] == champion
+    env = {**op.env, "COUPLET_HOME": str(op.home)}
+    match = subprocess.run([sys.executable, "-m", "couplet", "match", "春风花月", "--json"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert match.returncode == 0 and json.loads(match.stdout)["model"] == champion, match.stderr
+    processed = op.home / "data" / "processed"
+    assert not [p for p in processed.rglob("*") if p.name.startswith((".tmp-", ".old-"))]
+    assert op.get(f"/flow_runs/{flow_run_id}")["state"]["type"] != "COMPLETED"
+    # The killed run keeps the deployment's concurrency slot until its lease lapses (about 5 minutes, see
+    # docs/operate.md), so the operator's quickest recovery is the same run from the command line:
+    rerun = subprocess.run([sys.executable, "-m", "couplet", "run", "--source", str(source), "--until", "evaluate",
+                            *[a for setting in KILLED_SETTINGS for a in ("--set", setting)], "--json"],
+                           cwd=op.home, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    stages = json.loads(rerun.stdout.strip().splitlines()[-1])["stages"]
+    assert stages["ingest"]["status"] == stages["build"]["status"] == "cached" and stages["train"]["status"] == "completed"
+    trained = [json.loads(p.read_text()) for p in (op.home / "models").glob("*/metrics.json")]
+    assert any(t.get("resumed_from") for t in trained), "training did not resume from the killed run's checkpoint"
+    t_killed = time.monotonic() - started
+
     print(f"timings (s from start): server {t_server:.1f}, pool+deploy+worker {t_setup:.1f}, "
-          f"first run {t_first:.1f}, cached run {t_again:.1f}, worse run {t_worse:.1f}")
+          f"first run {t_first:.1f}, cached run {t_again:.1f}, worse run {t_worse:.1f}, killed and resumed {t_killed:.1f}")
