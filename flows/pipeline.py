@@ -54,7 +54,7 @@ class DaskUnreachable(RuntimeError):
 
 # The task runner of the running data stages (None: the flow's own). A context variable, not a task
 # parameter: a parameter would travel with every partition's serialised context, and a Dask client does not.
-_partition_runner: contextvars.ContextVar[Any] = contextvars.ContextVar("couplet_partition_runner", default=None)
+_partition_runner: contextvars.ContextVar[Callable[[], Any]] = contextvars.ContextVar("couplet_partition_runner", default=lambda: None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +73,7 @@ def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], li
     stages' task runner (`data_task_runner`), results in call order; the first failure raises."""
 
     def partitions(fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
-        runner = _partition_runner.get() or FlowRunContext.get().task_runner
+        runner = _partition_runner.get()() or FlowRunContext.get().task_runner
         names = list(inspect.signature(fn).parameters)
         futures = [
             runner.submit(_partition_task(fn).with_options(task_run_name=_partition_run_name(stage, fn, i, call)), dict(zip(names, call)))
@@ -84,16 +84,8 @@ def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], li
     return partitions
 
 
-@contextlib.contextmanager
-def data_task_runner(runner: Runner, dask_address: str | None) -> Iterator[Any]:
-    """The task runner of the data stages' partitions: None (the flow's own) for "local"; for "dask" a
-    started DaskTaskRunner, on a temporary LocalCluster or connected to `dask_address`, closed on leaving.
-
-    Connects at once, so an unreachable scheduler fails the run before any stage has written anything.
-    """
-    if runner == "local":
-        yield None  # today's path: dask and prefect_dask are never imported
-        return
+def _started_dask_runner(stack: contextlib.ExitStack, dask_address: str | None):
+    """A DaskTaskRunner entered on `stack` and connected: to `dask_address`, or to a new LocalCluster."""
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
@@ -101,21 +93,41 @@ def data_task_runner(runner: Runner, dask_address: str | None) -> Iterator[Any]:
     else:  # one single-threaded worker process per core, on loopback, no dashboard
         task_runner = DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
                                                      "dashboard_address": None})
-    with task_runner:
+    stack.enter_context(task_runner)
+    try:
+        client = task_runner.client  # connects (or starts the LocalCluster) now
+    except Exception as exc:  # noqa: BLE001 - OSError/TimeoutError from distributed, ValueError for a bad address
+        where = dask_address or "a temporary LocalCluster"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DaskUnreachable(f"cannot reach the Dask scheduler at {where}: {reason}") from None
+    if dask_address:
         try:
-            client = task_runner.client  # connects (or starts the LocalCluster) now
-        except Exception as exc:  # noqa: BLE001 - OSError/TimeoutError from distributed, ValueError for a bad address
-            where = dask_address or "a temporary LocalCluster"
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise DaskUnreachable(f"cannot reach the Dask scheduler at {where}: {reason}") from None
+            client.wait_for_workers(1, timeout=DASK_WORKERS_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - TimeoutError
+            raise DaskUnreachable(f"the Dask scheduler at {dask_address} has no workers (waited {DASK_WORKERS_TIMEOUT_S} s); "
+                                  "start some with: dask worker " + dask_address) from None
+    get_run_logger().info("data stages partitioned on Dask: %s", client)
+    return task_runner
+
+
+@contextlib.contextmanager
+def data_task_runner(runner: Runner, dask_address: str | None) -> Iterator[Callable[[], Any]]:
+    """How the data stages' partitions find their task runner: a function returning None (the flow's own)
+    for "local"; for "dask" a started DaskTaskRunner, connected to `dask_address` or on a LocalCluster,
+    closed on leaving.
+
+    An address is connected to at once, so an unreachable scheduler fails the run before any stage has
+    written anything; a LocalCluster starts when the first partition needs it (a cached run starts none).
+    """
+    if runner == "local":
+        yield lambda: None  # today's path: dask and prefect_dask are never imported
+        return
+    with contextlib.ExitStack() as stack:
         if dask_address:
-            try:
-                client.wait_for_workers(1, timeout=DASK_WORKERS_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - TimeoutError
-                raise DaskUnreachable(f"the Dask scheduler at {dask_address} has no workers (waited {DASK_WORKERS_TIMEOUT_S} s); "
-                                      "start some with: dask worker " + dask_address) from None
-        get_run_logger().info("data stages partitioned on Dask: %s", client)
-        yield task_runner
+            started = _started_dask_runner(stack, dask_address)
+            yield lambda: started
+        else:
+            yield functools.cache(lambda: _started_dask_runner(stack, None))
 
 
 def _finish(result: dict):
