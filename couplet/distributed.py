@@ -197,6 +197,21 @@ def failure_line(exc) -> str:
             + "; run again to resume from the last checkpoint")
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux), as flows/local_server.py does for its server: a
+    launcher whose caller was killed, or a worker whose torchrun agent was, stops (rank 0 writing a last
+    checkpoint) instead of training on unseen, beside a re-run of the same model folder."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the agent's own shutdown still stops the workers in the usual cases
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _launch(argv: list[str]) -> int:
     """`launch [--error-out FILE] [torchrun options] -- [worker options]`: torchrun, failures as one line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -207,6 +222,7 @@ def _launch(argv: list[str]) -> int:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--error-out", type=Path)
     mine, torchrun_args = own.parse_known_args(ours)
+    _die_with_parent()
     args = get_args_parser().parse_args([*torchrun_args, "-m", "couplet.distributed", "worker", *worker_args])
     try:
         run(args)
@@ -254,6 +270,7 @@ def _worker(argv: list[str]) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
         ranks = Ranks()
         ranks.listen_for_signals()
+        _die_with_parent()  # after the handler: the agent's death then reads as a SIGTERM to stop on
         logging.basicConfig(level=logging.INFO if ranks.is_main else logging.WARNING,
                             format=f"[rank {ranks.rank}] %(message)s" if not ranks.is_main else "%(message)s")
         try:

@@ -193,3 +193,28 @@ def test_an_interrupt_stops_every_rank_and_rank_0_writes_the_last_checkpoint(bui
     assert step >= 8 and (step % 10 == 0 or step % 4 == 0)
     summary = train_labeller(build, replace(config, "train", max_steps=step + 2), tmp_path / "m", progress=False)
     assert summary["resumed_from"] == step
+
+
+@pytest.mark.integration
+def test_workers_stop_and_checkpoint_when_the_launcher_is_killed(build, tmp_path):
+    # kill -9 of the launcher (torchrun's agent): its workers get SIGTERM (parent-death signal) and stop together
+    config = replace(with_nproc(small_config(max_steps=100_000, lr_schedule="constant"), 2), "train", checkpoint_every=10_000)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    tag = uuid.uuid4().hex
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "couplet.distributed", "launch", "--nproc-per-node", "2", "--standalone", "--",
+         "--build-dir", str(build), "--model-dir", str(tmp_path / "m"), "--config", str(tmp_path / "config.json"), "--no-progress"],
+        cwd=ROOT, env={**os.environ, "COUPLET_TEST_TAG": tag, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples, deadline = tmp_path / "m" / "samples.md", time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and not (samples.is_file() and samples.read_text().count("epoch") >= 2):
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (_pid_of(tag, 0) or _pid_of(tag, 1)):
+        time.sleep(0.1)
+    assert not _pid_of(tag, 0) and not _pid_of(tag, 1), "workers outlived their launcher"
+    assert (tmp_path / "m" / "checkpoints" / "last.pt").is_file()  # rank 0's last checkpoint, on the signal
