@@ -62,7 +62,8 @@ class ModelConfig(_Section):
     # gated_cnn: the seed's labeller. refine: the same, then `refine_blocks` more gated blocks that relabel each
     # position seeing the first pass's own answer (see couplet/model.py and docs/design.md)
     # attention: the same, then `attn_layers` bidirectional self-attention layers over the whole line
-    kind: Literal["gated_cnn", "refine", "attention"] = "gated_cnn"
+    # Default: attention, the lowest valid loss of the 45-minute ablation (docs/benchmarks.md); configs/seed.yaml: gated_cnn
+    kind: Literal["gated_cnn", "refine", "attention"] = "attention"
     embed_dim: int = 128  # the seed's character embedding size
     n_blocks: int = 6  # residual gated conv blocks (seed: 6)
     kernel_size: int = 3  # 'same' padding keeps the line length

@@ -181,6 +181,9 @@ def save_labeller(model: CoupletLabeller, vocab: Vocab, config: Config, model_di
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
+    kind = next(name for name, cls in MODEL_KINDS.items() if type(model) is cls)
+    if config.model.kind != kind:  # the folder records what the weights are, whatever the config said
+        config = config.model_copy(update={"model": config.model.model_copy(update={"kind": kind})})
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(model_dir / MODEL_FILES.weights) as tmp:
         save_file(state, str(tmp))

@@ -14,7 +14,7 @@ from couplet.config import Config, ModelConfig
 from couplet.model import CoupletLabeller, GatedConvBlock, load_labeller, save_labeller
 from couplet.vocab import PAD, UNK, Vocab
 
-SMALL = ModelConfig(embed_dim=32, n_blocks=2)
+SMALL = ModelConfig(kind="gated_cnn", embed_dim=32, n_blocks=2)
 PAIRS = [("晚风摇树树还挺", "晨露润花花更红"), ("今天天气不错", "明日风光更佳"), ("鱼跃此时海", "花开彼岸天"), ("只有香如故", "何须色更新")]
 
 
@@ -249,6 +249,14 @@ def test_attention_heads_must_divide_the_width():
 
     with pytest.raises(ConfigError, match=r"^model: model\.attn_heads \(3\) must divide model\.embed_dim \(128\)$"):
         apply_overrides(Config(), ["model.kind=attention", "model.attn_heads=3"])
+
+
+def test_a_folder_records_the_kind_of_its_weights(tmp_path):
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    config = Config(model=SMALL.model_copy(update={"kind": "attention"}))  # says attention; the weights are the seed's
+    save_labeller(tiny_model(len(vocab)), vocab, config, tmp_path / "m")
+    model, _, loaded = load_labeller(tmp_path / "m")
+    assert type(model) is CoupletLabeller and loaded.model.kind == "gated_cnn"
 
 
 def test_each_kind_saves_and_loads_with_its_kind(tmp_path):
