@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "dropout-cosine-ema": ["model.dropout=0.4", *COSINE_EMA],
     "attention-cosine-ema": ["model.kind=attention", *COSINE_EMA],
     "cosine-ema-lr2e-3": ["train.lr=0.002", *COSINE_EMA],
+    "attention-cosine-ema-lr2e-3": ["model.kind=attention", "train.lr=0.002", *COSINE_EMA],
 }
 
 
