@@ -71,6 +71,7 @@ class ModelConfig(_Section):
     refine_blocks: int = Field(default=3, ge=1)  # refine kind only: gated blocks of the relabelling pass
     attn_layers: int = Field(default=2, ge=1)  # attention kind only: self-attention layers after the gated blocks
     attn_heads: int = Field(default=4, ge=1)  # attention kind only: heads per layer (must divide embed_dim)
+    attn_dropout: float = Field(default=0.1, ge=0, lt=1)  # attention kind only: dropout inside the attention layers
 
     @model_validator(mode="after")
     def _heads_divide_width(self):

@@ -147,7 +147,7 @@ class AttentionLabeller(CoupletLabeller):
     def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__(vocab_size, cfg)
         self.attention = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.embed_dim, cfg.attn_heads, dim_feedforward=2 * cfg.embed_dim, dropout=0.1,
+            nn.TransformerEncoderLayer(cfg.embed_dim, cfg.attn_heads, dim_feedforward=2 * cfg.embed_dim, dropout=cfg.attn_dropout,
                                        batch_first=True, norm_first=True)
             for _ in range(cfg.attn_layers)
         )
