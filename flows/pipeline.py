@@ -86,8 +86,12 @@ def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], li
 
 def _started_dask_runner(stack: contextlib.ExitStack, dask_address: str | None):
     """A DaskTaskRunner entered on `stack` and connected: to `dask_address`, or to a new LocalCluster."""
+    import dask
     from prefect_dask import DaskTaskRunner
 
+    # Partitions carry their rows as arguments, so each task's graph is megabytes by design (it passes through
+    # the scheduler to a worker): no "Sending large graph" warning on the console for every partition.
+    stack.enter_context(dask.config.set({"distributed.admin.large-graph-warning-threshold": "4GiB"}))
     if dask_address:
         task_runner = DaskTaskRunner(address=dask_address, client_kwargs={"timeout": f"{DASK_CONNECT_TIMEOUT_S}s"})
     else:  # one single-threaded worker process per core, on loopback, no dashboard
