@@ -147,16 +147,22 @@ def test_sigint_mid_data_stages_leaves_nothing_half_written_and_reruns_alike(hom
 SMALL_EVAL = ["--set", "train.max_steps=40", "--set", "model.embed_dim=32", "--set", "model.n_blocks=2",
               "--set", "train.num_threads=1", "--set", "evaluate.n_samples=3", "--set", "train.checkpoint_every=20"]
 
-# `couplet run` with every Parquet write under data/processed/build/ failing as on a full disk
+# `couplet run` with every file write under data/processed/build/ failing as on a full disk (the stage writes its
+# shards' bytes with Path.write_bytes; Parquet writers are covered too)
 DISK_FULL_AT_BUILD = """
-import errno, sys
+import errno, pathlib, sys
 import pyarrow.parquet as pq
-real_write_table = pq.write_table
-def write_table(table, where, *args, **kwargs):
+def full(where):
     if "/data/processed/build/" in str(where):
         raise OSError(errno.ENOSPC, "No space left on device", str(where))
+real_write_table, real_write_bytes = pq.write_table, pathlib.Path.write_bytes
+def write_table(table, where, *args, **kwargs):
+    full(where)
     return real_write_table(table, where, *args, **kwargs)
-pq.write_table = write_table
+def write_bytes(self, data):
+    full(self)
+    return real_write_bytes(self, data)
+pq.write_table, pathlib.Path.write_bytes = write_table, write_bytes
 sys.argv = ["couplet", *sys.argv[1:]]
 from couplet.cli import main
 main()
