@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from datagen import write_dataset_tarball
+from procs import alive as _alive
+from procs import descendants as _descendants
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,31 +39,6 @@ def _env(home: Path, prefect_home: Path) -> dict:
     env = {**os.environ, "COUPLET_HOME": str(home), "PREFECT_HOME": str(prefect_home)}
     env.pop("PREFECT_API_URL", None)
     return env
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(root: int) -> set[int]:
-    """Every live process below `root` (children, grandchildren, ...)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) and fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] != "Z"
 
 
 def _interrupt(run: subprocess.Popen, signum: int, ready, timeout_s: float = 120) -> tuple[set[int], str]:

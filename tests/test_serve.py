@@ -23,6 +23,7 @@ from couplet.serving import create_app
 from couplet.serving.body_guard import MAX_BODY_BYTES, BodyGuard
 from couplet.serving.schemas import TOP_K_MAX, MatchResponse, match_payload
 from couplet.vocab import Vocab
+from procs import descendants as _descendants
 from servers import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -595,23 +596,6 @@ def test_cli_serve_loads_once_and_binds_loopback(model_dir, tmp_path, workers, s
     while any(Path(f"/proc/{pid}").exists() for pid in started) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in started if Path(f"/proc/{pid}").exists()], "a server worker outlived couplet serve"
-
-
-def _descendants(root: int) -> set[int]:
-    """Live processes below `root`, through /proc (Linux; an empty set elsewhere)."""
-    parents = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def test_cli_serve_errors_are_one_line(tmp_path, model_dir):
