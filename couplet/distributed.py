@@ -26,8 +26,12 @@ Semantics (what "the same run on N processes" means):
   number of processes (nproc is not part of the checkpoint's fingerprint, like num_threads). Rank 0 reads it
   and broadcasts it, so other nodes need no shared file system for it (they do need the build directory).
 - SIGINT/SIGTERM in a worker only sets a flag; at the next sync point every rank stops, rank 0 writes a last
-  checkpoint and the workers exit 128 + the signal. A rank that dies fails the run: the launcher turns
-  torchrun's ChildFailedError into one line naming the rank (`DistributedTrainingError`); running again resumes.
+  checkpoint and the workers exit 128 + the signal. Repeats only re-set the flag: one stop request often
+  arrives twice (the agent forwards it and its death sends the parent-death signal), and cutting a rank off
+  mid-collective would cost the checkpoint; the agent's own SIGKILL deadline is the escalation.
+- A rank that dies fails the run: the launcher turns torchrun's ChildFailedError into one line naming the
+  rank (`DistributedTrainingError`); running again resumes. Rank 0, seeing a peer vanish mid-collective,
+  still writes its last checkpoint: a collective fails before the optimizer step, so its state is whole.
 """
 
 from __future__ import annotations
@@ -122,13 +126,16 @@ class Ranks:
             raise KeyboardInterrupt(f"signal {signal.Signals(int(interrupted)).name} on a rank")
         return bool(late)
 
+    @staticmethod
+    def peer_lost(exc: BaseException) -> bool:
+        """Whether `exc` is a collective failing because another rank is gone."""
+        return isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_LOST)
+
     def listen_for_signals(self) -> None:
-        """SIGINT/SIGTERM set a flag (a collective must not be cut in half); a second one interrupts at once."""
+        """SIGINT/SIGTERM set a flag, acted on at the next sync point (a collective must not be cut in half)."""
 
         def on_signal(signum: int, frame) -> None:
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = signum
+            self.interrupted = self.interrupted or signum
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, on_signal)
@@ -278,7 +285,7 @@ def _worker(argv: list[str]) -> int:
         except KeyboardInterrupt:
             return 128 + (ranks.interrupted or signal.SIGINT)
         except RuntimeError as exc:
-            if not any(s in str(exc) for s in PEER_LOST):
+            if not ranks.peer_lost(exc):
                 raise
             # another rank died mid-collective: that rank is the story (the launcher names it), not this traceback
             log.error("rank %d stopped: another rank is gone (%s)", ranks.rank, " ".join(str(exc).split())[:160])

@@ -326,12 +326,14 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
                     title = f"epoch {batches.epoch} · step {state.step}"
                     append_samples(samples_path, title, PROBE_LINES, argmax_lines(kept, vocab, PROBE_LINES, device), progress)
     except BaseException as exc:
-        if isinstance(exc, Exception) or tokens == 0:
+        lost = ranks is not None and ranks.peer_lost(exc)  # a collective failed: before the optimizer step, state whole
+        if (isinstance(exc, Exception) and not lost) or tokens == 0:
             raise  # an error: the state may be inconsistent, the last periodic checkpoint stays
-        # SIGINT (KeyboardInterrupt) or SIGTERM (Prefect's TerminationSignal): keep what this run trained
+        # SIGINT (KeyboardInterrupt), SIGTERM (Prefect's TerminationSignal) or a lost rank: keep what this run trained
         checkpoint()  # rank 0's only, under torchrun
         if main:
-            log.warning("interrupted at step %d: checkpoint saved to %s; the next run resumes from it", state.step, ckpt_path)
+            how = "another rank is gone" if lost else "interrupted"
+            log.warning("%s at step %d: checkpoint saved to %s; the next run resumes from it", how, state.step, ckpt_path)
         raise
     finally:
         if bar is not None:

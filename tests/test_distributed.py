@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from couplet.checkpoint import run_fingerprint
 from couplet.config import ConfigError, apply_overrides, replace
-from couplet.distributed import DistributedTrainingError, failure_line
+from couplet.distributed import DistributedTrainingError, Ranks, failure_line
 from couplet.train import train_labeller
 from shardkit import make_build_dir
 from test_train import PAIRS, VALID, small_config
@@ -78,6 +78,30 @@ def test_failure_line_names_the_killed_rank_first():
     assert line.endswith("run again to resume from the last checkpoint")
     errored = SimpleNamespace(failures={3: failure(1, 1, 40, {"message": "ValueError: bad shard"}), 0: failure(0, -15, 41)})
     assert "rank 3 (local rank 1, pid 101) exited with code 1: ValueError: bad shard (rank 0 ended by SIGTERM)" in failure_line(errored)
+
+
+def test_a_repeated_signal_in_a_worker_is_the_same_stop_request_not_an_abort():
+    # the agent forwards SIGTERM and its death sends the parent-death signal too: a worker sees two within
+    # milliseconds, and raising at the second would cut it off mid-collective and lose rank 0's checkpoint
+    ranks = Ranks.__new__(Ranks)  # no process group: only the signal flag is exercised
+    ranks.interrupted = 0
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ranks.listen_for_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert ranks.interrupted == signal.SIGTERM  # the first one is the one the workers exit with (128 + it)
+
+
+def test_peer_lost_reads_gloo_and_nccl_errors_only():
+    assert Ranks.peer_lost(RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:54426. This is typically"))
+    assert not Ranks.peer_lost(RuntimeError("CUDA out of memory"))
+    assert not Ranks.peer_lost(KeyboardInterrupt("Connection closed by peer"))
 
 
 def test_one_process_never_loads_couplet_distributed_nor_a_process_group(build, tmp_path):
