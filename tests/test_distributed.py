@@ -190,8 +190,9 @@ def test_a_killed_rank_fails_the_run_in_one_line_and_a_rerun_resumes(build, tmp_
     message = str(failed.value)
     assert killed and "\n" not in message
     assert message.startswith(f"multi-process training failed: rank 1 (local rank 1, pid {killed[0]}) was killed by SIGKILL")
+    # rank 0 saw its peer vanish mid-collective and wrote a last checkpoint: at or past the periodic one (every 5)
     step = torch.load(ckpt, weights_only=True)["progress"]["step"]
-    assert step > 0 and step % 5 == 0
+    assert step >= 5
     # the same config (a shorter run, which a checkpoint allows) resumes from it, with 2 processes again
     summary = train_labeller(build, replace(config, "train", max_steps=step + 4), tmp_path / "m", progress=False)
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
