@@ -29,3 +29,23 @@ def descendants(root: int) -> set[int]:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+def accepted_connections(pids: set[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to local `port` (IPv4) each of `pids` holds."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = str(fd.readlink()) if fd.is_symlink() else ""
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue  # gone, or not ours to read
+    counts = dict.fromkeys(pids, 0)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+        if local_port == port and state == "01" and inode in inodes:  # 01: ESTABLISHED
+            counts[inodes[inode]] += 1
+    return counts

@@ -540,7 +540,7 @@ def test_cli_serve_default_worker_count(model_dir, monkeypatch, cores, args, wor
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda target, **kw: calls.append((target, kw)))
     monkeypatch.setattr(serve_cli, "usable_cores", lambda: cores)
-    for name in ("COUPLET_SERVE_MODEL", "COUPLET_SERVE_DEVICE", "COUPLET_SERVE_BATCHING", "COUPLET_SERVE_THREADS"):
+    for name in ("COUPLET_SERVE_MODEL", "COUPLET_SERVE_DEVICE", "COUPLET_SERVE_BATCHING", "COUPLET_SERVE_THREADS", "COUPLET_SERVE_BALANCE"):
         monkeypatch.setenv(name, "unset")  # restored (removed) after the test, whatever serve writes
     before = torch.get_num_threads()
     try:
@@ -557,6 +557,7 @@ def test_cli_serve_default_worker_count(model_dir, monkeypatch, cores, args, wor
         assert os.environ["COUPLET_SERVE_MODEL"] == str(model_dir)
         assert os.environ["COUPLET_SERVE_THREADS"] == str(threads)
         assert os.environ["COUPLET_SERVE_BATCHING"] == "1"
+        assert os.environ["COUPLET_SERVE_BALANCE"].endswith("slots")  # the workers' shared slot file (removed by now)
 
 
 @pytest.mark.parametrize("workers, stop", [(1, signal.SIGINT), (2, signal.SIGTERM)])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -62,6 +64,7 @@ def serve(
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Answer concurrent requests in batches from one inference thread (fastest), or one by one in the threadpool."),
     http: str = typer.Option("auto", help="uvicorn HTTP parser: auto (httptools if installed) | h11 | httptools."),
     loop: str = typer.Option("auto", help="uvicorn event loop: auto (uvloop if installed) | asyncio | uvloop."),
+    balance: bool = typer.Option(True, "--balance/--no-balance", help="With several workers, a worker holding 2+ more keep-alive connections than another closes one after answering, so the client reconnects to a less busy worker."),
     log_level: str = typer.Option("warning", help="uvicorn log level (critical|error|warning|info|debug)."),
 ) -> None:
     """Serve the couplet robot: POST /api/match, GET /healthz, the web page at /, OpenAPI at /openapi.json."""
@@ -113,12 +116,20 @@ def serve(
             Predictor.load(model_dir, device=device)
         except (OSError, ValueError, KeyError) as exc:
             fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
+        from couplet.serving.balance import ENV_VAR as BALANCE_ENV
+        from couplet.serving.balance import create_slot_file
+
         # uvicorn's multi-process mode needs an import string; each worker loads the model once.
         os.environ["COUPLET_SERVE_MODEL"] = str(model_dir)
         os.environ["COUPLET_SERVE_DEVICE"] = device
         os.environ["COUPLET_SERVE_BATCHING"] = "1" if batching else "0"
         os.environ["COUPLET_SERVE_THREADS"] = str(threads)
-        _serve_until_signalled(lambda: uvicorn.run("couplet.serving.app:app_from_env", factory=True, workers=workers, **server_kwargs))
+        with tempfile.TemporaryDirectory(prefix="couplet-serve-") as shared:
+            if balance:
+                os.environ[BALANCE_ENV] = str(create_slot_file(Path(shared) / "slots", workers))
+            else:
+                os.environ.pop(BALANCE_ENV, None)
+            _serve_until_signalled(lambda: uvicorn.run("couplet.serving.app:app_from_env", factory=True, workers=workers, **server_kwargs))
 
 
 def _serve_until_signalled(run_server) -> None:

@@ -36,6 +36,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from couplet.serving.balance import ENV_VAR, BalanceMiddleware, ConnectionBalancer, SlotTable
 from couplet.serving.batcher import BusyError, MicroBatcher
 from couplet.serving.body_guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, BodyGuard
 from couplet.serving.errors import ERROR_RESPONSES, add_error_handlers
@@ -195,4 +196,7 @@ def app_from_env() -> FastAPI:
     threads = os.environ.get("COUPLET_SERVE_THREADS")
     batching = os.environ.get("COUPLET_SERVE_BATCHING", "1") != "0"
     predictor = Predictor.load(model_dir, device=device, num_threads=int(threads) if threads else None)
-    return create_app(predictor, batching=batching)
+    app = create_app(predictor, batching=batching)
+    if os.environ.get(ENV_VAR):  # several workers: spread keep-alive connections over them
+        app.add_middleware(BalanceMiddleware, balancer=ConnectionBalancer(SlotTable(Path(os.environ[ENV_VAR]))))
+    return app
