@@ -11,9 +11,10 @@ character), the group's lower character. Every rule of `decode` (see docs/decodi
 positions are filled: PAD/UNK never; `punctuation` copies the mark (also one missing from the
 vocabulary) and keeps marks elsewhere out; `no_copy`; `repetition` (a group's later positions are forced
 to its character; a new group's character differs from every other group's); `tone` (the final
-position's group allows only 平 characters when the upper line ends 仄). A group's model log-prob for
-ALL its positions is added when its character is chosen, so the model part is exact from then on; the
-LM part accrues position by position.
+position's group allows only 平 characters when the upper line ends 仄). The groups and their masked score
+rows come from `couplet.decode.plan_groups`, the setup `decode` uses (summed in float64 here). A group's
+model log-prob for ALL its positions is added when its character is chosen, so the model part is exact
+from then on; the LM part accrues position by position.
 
 Each step keeps the `beam_size` best expansions over every hypothesis × character (one vectorised
 (beam, V) pass), so the per-row candidates are implicitly that hypothesis's best beam_size + (number of
@@ -25,77 +26,26 @@ force a relaxation. Without an LM (or with lm_weight 0) `beam_decode` is `decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from couplet.decode import (
     CONSTRAINED,
-    ZE,
     DecodeOptions,
     DecodeResult,
+    GroupPlan,
     _decode_once,
     _tables,
-    _VocabTables,
     checked_log_probs,
     decode,
-    final_position,
-    final_tone,
+    plan_groups,
     search_relaxing,
 )
 from couplet.lm import CharBigramLM
-from couplet.punct import is_punct
-from couplet.vocab import PAD, UNK, Vocab
+from couplet.vocab import UNK, Vocab
 
 __all__ = ["beam_decode", "fused_score"]
 
 NEG_INF = -np.inf
-
-
-@dataclass
-class _Plan:
-    """The line's groups and their masked score rows, built exactly as `decode` builds them."""
-
-    group_of: list[int]  # position -> group
-    fixed: dict[int, str]  # group -> punctuation mark copied there
-    scores: np.ndarray  # (groups, V) float64: summed log-probs of the group's positions, disallowed = -inf
-    distinct: bool  # different free groups must get different characters
-    applied: list[str]
-
-
-def _plan(upper: str, lp: np.ndarray, tables: _VocabTables, options: DecodeOptions) -> _Plan:
-    applied: list[str] = []
-    if options.repetition:
-        index: dict[str, int] = {}
-        group_of = [index.setdefault(ch, len(index)) for ch in upper]
-        group_chars = list(index)
-    else:
-        group_of = list(range(len(upper)))
-        group_chars = list(upper)
-    scores = np.zeros((len(group_chars), tables.size), dtype=np.float64)
-    for i, g in enumerate(group_of):
-        scores[g] += lp[i]
-    scores[:, [PAD, UNK]] = NEG_INF
-    fixed: dict[int, str] = {}
-    if options.punctuation:
-        applied.append("punctuation")
-        fixed = {g: ch for g, ch in enumerate(group_chars) if is_punct(ch)}
-        if tables.punct_ids.size:
-            scores[:, tables.punct_ids] = NEG_INF
-    if options.no_copy:
-        applied.append("no_copy")
-        for g, ch in enumerate(group_chars):
-            if g not in fixed and ch in tables.stoi:
-                scores[g, tables.stoi[ch]] = NEG_INF
-    if options.repetition:
-        applied.append("repetition")
-    if options.tone and final_tone(upper) == ZE:
-        g = group_of[final_position(upper)]
-        if g not in fixed:
-            scores[g] += tables.ping_penalty
-            applied.append("tone")
-    n_free = len(group_chars) - len(fixed)
-    return _Plan(group_of, fixed, scores, options.repetition and n_free > 1, applied)
 
 
 def _top(row: np.ndarray, n: int) -> np.ndarray:
@@ -107,7 +57,7 @@ def _top(row: np.ndarray, n: int) -> np.ndarray:
 
 
 def _beam_search(
-    lp: np.ndarray, plan: _Plan, stoi: dict[str, int], lm: CharBigramLM | None, lm_weight: float, beam_size: int
+    lp: np.ndarray, plan: GroupPlan, stoi: dict[str, int], lm: CharBigramLM | None, lm_weight: float, beam_size: int
 ) -> list[np.ndarray]:
     """The surviving hypotheses' id rows (an out-of-vocabulary copied mark is UNK), best first."""
     length, n_groups = len(plan.group_of), plan.scores.shape[0]
@@ -154,7 +104,7 @@ def _beam_search(
     return [ids[b] for b in order]
 
 
-def _text(plan: _Plan, vocab: Vocab, row: np.ndarray) -> str:
+def _text(plan: GroupPlan, vocab: Vocab, row: np.ndarray) -> str:
     """A hypothesis' line: the copied mark at fixed positions (in the vocabulary or not), else the ids' characters."""
     return "".join(plan.fixed.get(g, "") or vocab.itos[int(c)] for g, c in zip(plan.group_of, row))
 
@@ -200,7 +150,7 @@ def beam_decode(
     tables = _tables(vocab)
 
     def attempt(current: DecodeOptions) -> tuple[list[tuple[str, float]], list[str]]:
-        plan = _plan(upper, lp, tables, current)
+        plan = plan_groups(upper, lp, tables, current, dtype=np.float64)  # the beam sums groups in float64
         found = _beam_search(lp, plan, tables.stoi, lm, lm_weight, max(beam_size, top_k))
         finalists = [_text(plan, vocab, row) for row in found]
         exact, _ = _decode_once(upper, lp, tables, top_k, current, 20000)

@@ -50,6 +50,8 @@ __all__ = [
     "final_tone",
     "decode",
     "decode_argmax",
+    "GroupPlan",
+    "plan_groups",
 ]
 
 PING, ZE = "平", "仄"
@@ -324,28 +326,53 @@ def _kbest_murty(cand_ids: list[list[int]], cand_sc: list[list[float]], k: int) 
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode_once(
-    upper: str, lp: np.ndarray, tables: _VocabTables, top_k: int, options: DecodeOptions, max_pops: int
-) -> tuple[list[tuple[str, float]], list[str]]:
-    length = len(upper)
-    stoi = tables.stoi
-    applied: list[str] = []
+@dataclass
+class GroupPlan:
+    """A line's repetition groups and their masked score rows: the constraint setup of `decode` and
+    `couplet.beam.beam_decode` (one place, so the two searches enforce the same rules)."""
 
+    group_of: list[int]  # position -> group
+    fixed: dict[int, str]  # group -> punctuation mark copied there
+    scores: np.ndarray  # (groups, V): summed log-probs of the group's positions, disallowed = -inf
+    distinct: bool  # different free groups must get different characters
+    applied: list[str]  # constraints enforced on this line ("tone" only where it applied)
+
+
+def plan_groups(
+    upper: str, lp: np.ndarray, tables: _VocabTables, options: DecodeOptions, dtype=np.float32
+) -> GroupPlan:
+    """Groups of `upper` and their score rows with every constraint of `options` applied as masks.
+
+    `repetition` groups positions by upper character (else each position is its own group); a
+    group's row sums its positions' log-probabilities. PAD/UNK are -inf everywhere; `punctuation`
+    fixes punctuation groups to their mark and masks every punctuation id (fixed rows are left as
+    they are: callers skip them); `no_copy` masks the group's own upper character (not in fixed
+    groups); `tone` keeps only 平 ids in the final position's group when the upper line ends 仄.
+
+    `dtype` is how groups are summed. float32 (decode's hot path): one matmul of a float32 0/1
+    membership matrix with `lp`, whose result follows `lp`'s dtype (float64 log-probs give float64
+    sums). Any other dtype (the beam's float64): row by row, in position order, in that dtype. A line
+    without repeats is `lp` copied as `dtype` either way. `scores` is a new array the caller owns.
+    """
+    applied: list[str] = []
     if options.repetition:
         index: dict[str, int] = {}
         group_of = [index.setdefault(ch, len(index)) for ch in upper]
         group_chars = list(index)
     else:
-        group_of = list(range(length))
+        group_of = list(range(len(upper)))
         group_chars = list(upper)
-    n_groups = len(group_chars)
-
-    if n_groups == length:
-        scores = np.array(lp, dtype=np.float32, copy=True)  # groups are the positions, in order
-    else:
+    n_groups, length = len(group_chars), len(group_of)
+    if n_groups == length:  # groups are the positions, in order: nothing to add
+        scores = np.array(lp, dtype=dtype, copy=True)
+    elif dtype is np.float32 or np.dtype(dtype) == np.float32:  # `is` first: ~1 us on the hot path
         member = np.zeros((n_groups, length), dtype=np.float32)
         member[group_of, np.arange(length)] = 1.0
         scores = member @ lp
+    else:  # position by position, in position order, in `dtype`
+        scores = np.zeros((n_groups, lp.shape[1]), dtype=dtype)
+        for i, g in enumerate(group_of):
+            scores[g] += lp[i]
     scores[:, PAD] = NEG_INF
     scores[:, UNK] = NEG_INF
 
@@ -356,9 +383,10 @@ def _decode_once(
             if is_punct(ch):
                 fixed[g] = ch
         if tables.punct_ids.size:
-            scores[:, tables.punct_ids] = NEG_INF  # fixed rows are dropped below
+            scores[:, tables.punct_ids] = NEG_INF
     if options.no_copy:
         applied.append("no_copy")
+        stoi = tables.stoi
         for g, ch in enumerate(group_chars):
             if g not in fixed:
                 uid = stoi.get(ch)
@@ -371,10 +399,21 @@ def _decode_once(
         if g not in fixed:
             scores[g] += tables.ping_penalty
             applied.append("tone")
+    n_free = len(group_chars) - len(fixed)
+    return GroupPlan(group_of, fixed, scores, options.repetition and n_free > 1, applied)
+
+
+def _decode_once(
+    upper: str, lp: np.ndarray, tables: _VocabTables, top_k: int, options: DecodeOptions, max_pops: int
+) -> tuple[list[tuple[str, float]], list[str]]:
+    length = len(upper)
+    stoi = tables.stoi
+    plan = plan_groups(upper, lp, tables, options)
+    group_of, fixed, scores, distinct, applied = plan.group_of, plan.fixed, plan.scores, plan.distinct, plan.applied
+    n_groups = scores.shape[0]
 
     free = [g for g in range(n_groups) if g not in fixed]
     m = len(free)
-    distinct = options.repetition and m > 1
     if fixed:
         scores = scores[free]
     cands = _Candidates(scores, cap=min(top_k + m if distinct else top_k, tables.size))

@@ -18,8 +18,10 @@ from couplet.decode import (
     char_tone,
     decode,
     decode_argmax,
+    _tables,
     final_position,
     final_tone,
+    plan_groups,
 )
 from couplet.metrics import repetition_match
 from couplet.punct import PUNCTUATION, is_punct
@@ -202,6 +204,31 @@ def test_repetition_groups_score_by_the_sum_of_their_positions():
     assert res.candidates[0][0] == "花花"  # -2.0 beats 风风 (-10.1) and 月月 (-10.1)
     res = decode("雨雪", lp, vocab, options=CONSTRAINED)
     assert res.candidates[0][0] == "风月"
+
+
+def test_plan_groups_sums_and_masks_alike_in_float32_and_float64():
+    """decode (float32 matmul) and the beam (float64, position by position) share `plan_groups`: same groups,
+    fixed marks and masks; a group's row is the sum of its positions' rows in either precision."""
+    rng = np.random.default_rng(3)
+    chars = PING_CHARS[:3] + ZE_CHARS[:3] + "的，；"  # ； is not in the vocabulary
+    names = ("no_copy", "punctuation", "repetition", "tone")
+    for seed in range(200):
+        upper = "".join(rng.choice(list(chars), int(rng.integers(1, 9))))
+        options = DecodeOptions(**{name: bool(rng.random() < 0.6) for name in names})
+        lp = _log_probs(seed, len(upper))
+        p32 = plan_groups(upper, lp, _tables(VOCAB), options)
+        p64 = plan_groups(upper, lp, _tables(VOCAB), options, dtype=np.float64)
+        assert p32.scores.dtype == np.float32 and p64.scores.dtype == np.float64
+        for name in ("group_of", "fixed", "distinct", "applied"):
+            assert getattr(p32, name) == getattr(p64, name)
+        assert np.array_equal(np.isfinite(p32.scores), np.isfinite(p64.scores))
+        for g in range(p64.scores.shape[0]):
+            members = [i for i, h in enumerate(p64.group_of) if h == g]
+            assert members and (options.repetition or members == [g])
+            finite = np.isfinite(p64.scores[g])
+            total = lp[members].astype(np.float64).sum(axis=0)
+            np.testing.assert_allclose(p64.scores[g][finite], total[finite], rtol=0, atol=1e-9)
+            np.testing.assert_allclose(p32.scores[g][finite], total[finite], rtol=0, atol=1e-4)
 
 
 def test_no_copy_and_punctuation():
