@@ -101,8 +101,9 @@ def _request_bytes(host: str, port: int, body: bytes) -> bytes:
     return head.encode("ascii") + body
 
 
-def _read_response(sock: socket.socket, buf: bytearray) -> int:
-    """Read one HTTP/1.1 response (Content-Length framed) off `sock`; returns its status."""
+def _read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response (Content-Length framed) off `sock`; returns its status and whether the
+    server closes the connection after it (`Connection: close`, e.g. `couplet serve` rebalancing workers)."""
     while True:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
@@ -113,11 +114,13 @@ def _read_response(sock: socket.socket, buf: bytearray) -> int:
         buf += chunk
     head = bytes(buf[:end]).decode("latin-1")
     status = int(head.split(" ", 2)[1])
-    length = 0
+    length, closing = 0, False
     for line in head.split("\r\n")[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value)
+        elif name.strip().lower() == "connection":
+            closing = "close" in value.lower()
     need = end + 4 + length
     while len(buf) < need:
         chunk = sock.recv(65536)
@@ -125,7 +128,7 @@ def _read_response(sock: socket.socket, buf: bytearray) -> int:
             raise ConnectionError("server closed the connection")
         buf += chunk
     del buf[:need]
-    return status
+    return status, closing
 
 
 def raw_load(host: str, port: int, body: bytes, connections: int, warmup_s: float, duration_s: float, max_requests: int) -> dict:
@@ -138,9 +141,15 @@ def raw_load(host: str, port: int, body: bytes, connections: int, warmup_s: floa
     t_measure = [0.0]
     t_stop = [0.0]
 
-    def worker(i: int) -> None:
+    def connect() -> socket.socket:
         sock = socket.create_connection((host, port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    reconnects = [0]
+
+    def worker(i: int) -> None:
+        sock = connect()
         buf = bytearray()
         mine = latencies[i]
         start_evt.wait()
@@ -150,8 +159,12 @@ def raw_load(host: str, port: int, body: bytes, connections: int, warmup_s: floa
                 if t0 >= t_stop[0]:
                     return
                 sock.sendall(request)
-                status = _read_response(sock, buf)
+                status, closing = _read_response(sock, buf)
                 t1 = time.perf_counter()
+                if closing:  # as a keep-alive client does: a new connection for the next request
+                    sock.close()
+                    sock, buf = connect(), bytearray()
+                    reconnects[0] += 1
                 if t0 >= t_measure[0]:
                     with lock:
                         if issued[0] >= max_requests:
@@ -191,6 +204,7 @@ def raw_load(host: str, port: int, body: bytes, connections: int, warmup_s: floa
         "p90_ms": pct(0.90),
         "p99_ms": pct(0.99),
         "max_ms": round(lat[-1] * 1000, 3) if lat else float("nan"),
+        "reconnects": reconnects[0],
     }
 
 
