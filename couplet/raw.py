@@ -191,10 +191,12 @@ def safe_extract(archive: Path, target: Path) -> None:
 
 def _raw_manifest(source: str, sha256: str, size: int, layout_dir: Path, root: Path) -> dict:
     counts = {}
-    for rel in LAYOUT_FILES:
+    for rel in LAYOUT_FILES:  # newlines, plus a last line without one; a block at a time
+        n, last = 0, b""
         with open(layout_dir / rel, "rb") as fh:
-            data = fh.read()
-        counts[rel] = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+            while chunk := fh.read(CHUNK):
+                n, last = n + chunk.count(b"\n"), chunk[-1:]
+        counts[rel] = n + (1 if last and last != b"\n" else 0)
     return {
         "source": source,
         "sha256": sha256,
