@@ -10,23 +10,25 @@ A batch-level failure raises `ValidationFailed` with a one-line reason and write
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from couplet.atomic import atomic_write_json, atomic_write_text
 from couplet.catalog import Catalog
 from couplet.config import DataConfig
-from couplet.expectations import run_gx_suite, suite_version
+from couplet.expectations import SuiteRun, suite_version
 from couplet.locks import hold_lock
 from couplet.punct import CJK_RANGES, PUNCTUATION
 from couplet.stage import run_cached, stage_key
+from couplet.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
 
 RULES = ("non_empty", "equal_length", "punctuation_aligned", "allowed_chars", "max_length", "up_differs_from_down")
 N_EXAMPLES = 5
@@ -202,28 +204,6 @@ def check_partition(chunk: pa.Table, max_len: int) -> dict:
     }
 
 
-def check_partitions(pairs: pa.Table, max_len: int, partitions: Partitions | None = None) -> dict:
-    """`check_partition` over row chunks of `pairs` (through `partitions`), merged back in row order."""
-    calls = [(pairs.slice(start, CHUNK_ROWS), max_len) for start in range(0, max(pairs.num_rows, 1), CHUNK_ROWS)]
-    parts = partitions(check_partition, calls) if partitions is not None else [check_partition(*call) for call in calls]
-    per_rule = {rule: sum(part["per_rule"][rule] for part in parts) for rule in RULES}
-    examples: dict[str, list] = {}
-    lengths: dict[int, int] = {}
-    for part in parts:
-        for rule, rows in part["examples"].items():
-            examples[rule] = (examples.get(rule, []) + rows)[:N_EXAMPLES]
-        for length, n in part["lengths"].items():
-            lengths[length] = lengths.get(length, 0) + n
-    return {
-        "table": pa.concat_tables([part["frame"] for part in parts]),
-        "rejected": pa.chunked_array([chunk for part in parts for chunk in part["rejected"].chunks], pa.bool_()),
-        "rejects": pa.concat_tables([part["rejects"] for part in parts]),
-        "per_rule": per_rule,
-        "examples": {rule: examples[rule] for rule in RULES if rule in examples},
-        "lengths": lengths,
-    }
-
-
 def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False, flow_run_id: str | None = None,
                  partitions: Partitions | None = None) -> dict:
     """Stage 2. Returns a small manifest; raises ValidationFailed when the batch is unusable.
@@ -245,25 +225,81 @@ def run_validate(ingest: dict, cfg: DataConfig, home: Path, force: bool = False,
     return result
 
 
+PASSED_SCHEMA = pa.schema([("split", pa.string()), ("line_no", pa.int32()), ("up", pa.string()), ("down", pa.string())])
+REJECTS_SCHEMA = PASSED_SCHEMA.append(pa.field("rules", pa.list_(pa.string())))
+WINDOW = 2  # partitions in flight at once: memory holds this many chunks, not the batch
+SPILL_ROWS = 1 << 18  # rows per hash bucket of the exact distinct-pair count
+GX_ROWS = 50_000  # rows per pandas frame shown to the GX suite (its results are merged over the batch)
+
+
+def _windows(chunks: Iterator[pa.Table], size: int) -> Iterator[list[tuple[int, pa.Table]]]:
+    """(first row, chunk) in groups of `size`."""
+    window, start = [], 0
+    for chunk in chunks:
+        window.append((start, chunk))
+        start += chunk.num_rows
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: DataConfig, home: Path, flow_run_id: str | None,
                    partitions: Partitions | None = None) -> dict:
-    """Check every row and the batch, write the report, and (if the batch passes) passed/rejects into `folder`."""
+    """Check every row and the batch, write the report, and (if the batch passes) passed/rejects into `folder`.
+
+    The pairs are read, checked (`check_partition`, through `partitions`), written and shown to the GX suite
+    one chunk of `CHUNK_ROWS` rows at a time; the GX results of the chunks are merged into one result for the
+    batch (`SuiteRun`). Duplicate pairs are counted exactly over the whole batch through hash buckets on disk.
+    """
     catalog = Catalog(home)
-    pairs = pq.read_table(catalog.resolve(ingest["pairs_path"]), columns=PAIR_COLUMNS)
-    checked = check_partitions(pairs, cfg.max_len, partitions)
-    table, rejects, per_rule, examples = checked["table"], checked["rejects"], checked["per_rule"], checked["examples"]
-    rows_in = table.num_rows
-    passed = table.filter(pc.invert(checked["rejected"])).select(PAIR_COLUMNS)
-    distinct = table.group_by(["up", "down"]).aggregate([]).num_rows
+    pairs_path = catalog.resolve(ingest["pairs_path"])
     line_counts = ingest.get("line_counts", {})
     counts_equal = all(line_counts.get(f"{s}/in.txt") == line_counts.get(f"{s}/out.txt") for s in ("train", "test"))
-
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{key[:8]}"
-    frame = table.to_pandas()  # FRAME_COLUMNS
-    with hold_lock(home, "reports/gx"):  # the GX project files are shared by concurrent runs
-        gx_result = run_gx_suite(frame, home, gx_parameters(cfg), run_name=run_id)
-    reject_rate = rejects.num_rows / rows_in if rows_in else 1.0
+    spill_dir = folder / ".pairs-by-hash"
+    per_rule = {rule: 0 for rule in RULES}
+    examples: dict[str, list] = {}
+    lengths: dict[int, int] = {}
+    rows_in = rows_passed = rejected = 0
+    try:
+        spill = HashSpill(spill_dir, -(-parquet_rows(pairs_path) // SPILL_ROWS), ["up", "down"])
+        with hold_lock(home, "reports/gx"):  # the GX project files are shared by concurrent runs
+            suite_run = SuiteRun(home, gx_parameters(cfg), run_name=run_id)
+            with RowGroupWriter(folder / "passed.parquet", PASSED_SCHEMA) as passed_out, \
+                    RowGroupWriter(folder / "rejects.parquet", REJECTS_SCHEMA) as rejects_out:
+                for window in _windows(read_batches(pairs_path, PAIR_COLUMNS, CHUNK_ROWS), WINDOW):
+                    calls = [(chunk, cfg.max_len) for _, chunk in window]
+                    parts = partitions(check_partition, calls) if partitions is not None else [check_partition(*c) for c in calls]
+                    for (start, _), part in zip(window, parts):
+                        frame = part["frame"]
+                        passed = frame.filter(pc.invert(part["rejected"])).select(PAIR_COLUMNS)
+                        passed_out.write(passed)
+                        rejects_out.write(part["rejects"])
+                        spill.add(frame.select(["up", "down"]))
+                        for offset in range(0, max(frame.num_rows, 1), GX_ROWS):  # FRAME_COLUMNS, indexed by row in the batch
+                            pandas_frame = frame.slice(offset, GX_ROWS).to_pandas()
+                            pandas_frame.index = range(start + offset, start + offset + len(pandas_frame))
+                            suite_run.add(pandas_frame)
+                            del pandas_frame
+                        rows_in += frame.num_rows
+                        rows_passed += passed.num_rows
+                        rejected += part["rejects"].num_rows
+                        for rule in RULES:
+                            per_rule[rule] += part["per_rule"][rule]
+                        for rule, rows in part["examples"].items():
+                            examples[rule] = (examples.get(rule, []) + rows)[:N_EXAMPLES]
+                        for length, n in part["lengths"].items():
+                            lengths[length] = lengths.get(length, 0) + n
+                    del parts, calls, window
+            gx_result = suite_run.finish()
+        distinct = sum(table.group_by(["up", "down"]).aggregate([]).num_rows for table in spill.tables())
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+    examples = {rule: examples[rule] for rule in RULES if rule in examples}
+    reject_rate = rejected / rows_in if rows_in else 1.0
     reasons = []
     if rows_in == 0:
         reasons.append("no rows")
@@ -289,13 +325,13 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
         "success": not reasons,
         "reason": "; ".join(reasons),
         "rows_in": rows_in,
-        "rows_passed": passed.num_rows,
-        "rejected": rejects.num_rows,
+        "rows_passed": rows_passed,
+        "rejected": rejected,
         "reject_rate": reject_rate,
         "rejects_per_rule": per_rule,
         "examples": examples,
         "duplicate_rate": (rows_in - distinct) / rows_in if rows_in else 0.0,
-        "length_histogram": {str(length): n for length, n in sorted(checked["lengths"].items())},
+        "length_histogram": {str(length): n for length, n in sorted(lengths.items())},
         "line_counts": line_counts,
         "gx": gx_record,  # paths in records are relative to the home (Catalog.relative)
         "report_dir": catalog.relative(report_dir),
@@ -305,8 +341,10 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report_dir / "report.md", report_md)
     atomic_write_json(report_dir / "summary.json", summary)
-    if reasons:
-        pq.write_table(rejects, report_dir / "rejects.parquet", compression="zstd", version="2.6")
+    if reasons:  # the failing rows, for inspection (copied, then renamed into place)
+        partial = report_dir / f".rejects-{os.getpid()}.parquet"
+        shutil.copyfile(folder / "rejects.parquet", partial)
+        os.replace(partial, report_dir / "rejects.parquet")
     _register_report(home, {k: summary[k] for k in ("run_id", "key", "flow_run_id", "dataset_version", "created_at", "success", "report_dir")}
                      | {"data_docs_page": gx_record.get("data_docs_page")})
     if reasons:
@@ -316,15 +354,13 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
             data_docs_page=gx_result.get("data_docs_page"),
         )
 
-    pq.write_table(passed, folder / "passed.parquet", compression="zstd", version="2.6")
-    pq.write_table(rejects, folder / "rejects.parquet", compression="zstd", version="2.6")
     atomic_write_text(folder / "report.md", report_md)
     return {
         "dataset_version": ingest["dataset_version"],
         "ingest_key": ingest["key"],
         "rows_in": rows_in,
-        "rows_passed": passed.num_rows,
-        "rejected": rejects.num_rows,
+        "rows_passed": rows_passed,
+        "rejected": rejected,
         "rejects_per_rule": per_rule,
         "duplicate_rate": summary["duplicate_rate"],
         "passed_path": catalog.relative(out_dir / "passed.parquet"),

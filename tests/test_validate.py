@@ -81,3 +81,41 @@ def test_changed_threshold_changes_key(tmp_path, home):
     a = run_validate(ingested, DataConfig(), home)
     b = run_validate(ingested, DataConfig(max_len=20), home)
     assert a["key"] != b["key"] and b["status"] == "completed"
+
+
+def test_chunked_validation_gives_the_whole_batch_result(tmp_path, monkeypatch):
+    """Chunks of 7 rows (the GX suite run per chunk, its results merged) and one chunk: the same counts,
+    duplicate rate, GX verdicts and files, for a batch that passes and one that fails; one stored GX result
+    and one Data Docs page per run either way."""
+    import couplet.validate as validate_module
+
+    rows = make_pairs(60, seed=5) + make_pairs(10, seed=5) + [(u, d) for u, d, rules in ROWS if rules]
+    misaligned = [(u, d[:-1]) for u, d in make_pairs(6, seed=9)]  # equal_length: 6 of 86 rows, over 5%
+    for case, train, max_reject_rate in (("passes", rows, 0.2), ("fails", rows + misaligned, 0.05)):
+        source = write_tarball(tmp_path / case / "data.tar.gz", layout_files(train, make_pairs(5, seed=7)))
+        config = DataConfig(source=str(source), max_reject_rate=max_reject_rate)
+        results = {}
+        for name, chunk_rows in (("one", 10**9), ("many", 7)):
+            home = tmp_path / case / name
+            home.mkdir()
+            monkeypatch.setattr(validate_module, "CHUNK_ROWS", chunk_rows)
+            monkeypatch.setattr(validate_module, "SPILL_ROWS", 10 if chunk_rows == 7 else 1 << 20)
+            ingested = run_ingest(config, home)
+            try:
+                result = run_validate(ingested, config, home)
+                files = [Path(result["passed_path"]).read_bytes(), Path(result["rejects_path"]).read_bytes()]
+            except ValidationFailed:
+                assert case == "fails"
+                files = [(Path(latest_report(home)["report_dir"]) / "rejects.parquet").read_bytes()]
+            summary = json.loads((Path(latest_report(home)["report_dir"]) / "summary.json").read_text())
+            stored = list((home / "reports" / "gx" / "uncommitted" / "validations").rglob("*.json"))
+            pages = list((home / "reports" / "gx" / "uncommitted" / "data_docs" / "local_site" / "validations").rglob("*.html"))
+            assert len(stored) == 1 and len(pages) == 1, (stored, pages)
+            results[name] = (summary, files)
+        (one, one_files), (many, many_files) = results["one"], results["many"]
+        assert one_files == many_files
+        assert one["duplicate_rate"] > 0 and many["duplicate_rate"] == one["duplicate_rate"]
+        for key in ("success", "reason", "rows_in", "rows_passed", "rejected", "rejects_per_rule", "examples", "length_histogram"):
+            assert many[key] == one[key], key
+        assert many["gx"]["expectations"] == one["gx"]["expectations"]
+        assert all(e["success"] for e in one["gx"]["expectations"]) == (case == "passes")
