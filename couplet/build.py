@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,12 +22,16 @@ import pyarrow.parquet as pq
 
 from couplet.catalog import Catalog
 from couplet.config import DataConfig
-from couplet.stage import run_cached, stage_key
+from couplet.stage import file_sha256, run_cached, stage_key
+from couplet.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
 from couplet.vocab import Vocab
 
 SPLITS = ("train", "valid", "test")
 ROW_GROUP = 65_536
 HASH_BUCKETS = 1_000_000
+BATCH_ROWS = 250_000  # rows of passed.parquet read at a time
+SPILL_ROWS = 1 << 18  # rows per hash bucket of the dedupe
+WINDOW = 2  # partitions in flight at once
 
 # How the stage runs its partitions (one per line length): `partitions(fn, calls)` returns
 # `[fn(*args) for args in calls]`, in order, computed wherever it likes (flows/pipeline.py submits each
@@ -70,39 +74,6 @@ def pair_hash(up: np.ndarray, down: np.ndarray) -> np.ndarray:
     return h
 
 
-def first_occurrences(hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of each distinct row (hash-grouped, then checked exactly)."""
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    representative = first[inverse]
-    # A 64-bit collision would make two different pairs look equal: keep any row that differs
-    # from its representative.
-    keep = (representative == np.arange(len(rows))) | np.any(rows != rows[representative], axis=1)
-    return np.flatnonzero(keep)
-
-
-def split_length_group(table: pa.Table, length: int, valid_fraction: float) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Dedupe one length group and assign splits. Returns split -> (row indices into `table`, up codepoints, down codepoints)."""
-    up, down = codepoints(table["up"], length), codepoints(table["down"], length)
-    rows = np.concatenate([up, down], axis=1)
-    hashes = pair_hash(up, down)
-    is_test = (table["split"].to_numpy(zero_copy_only=False) == "test")
-    test_idx = np.flatnonzero(is_test)
-    test_idx = test_idx[first_occurrences(hashes[test_idx], rows[test_idx])]
-    train_idx = np.flatnonzero(~is_test)
-    train_idx = train_idx[first_occurrences(hashes[train_idx], rows[train_idx])]
-    # drop train pairs that also appear in test (same hash and same text)
-    in_test = np.isin(hashes[train_idx], hashes[test_idx])
-    if in_test.any():
-        test_rows = {rows[i].tobytes() for i in test_idx[np.isin(hashes[test_idx], hashes[train_idx])]}
-        in_test[in_test] = [rows[i].tobytes() in test_rows for i in train_idx[in_test]]
-        train_idx = train_idx[~in_test]
-    is_valid = (hashes[train_idx] % np.uint64(HASH_BUCKETS)) < np.uint64(round(valid_fraction * HASH_BUCKETS))
-    out = {}
-    for split, idx in (("train", train_idx[~is_valid]), ("valid", train_idx[is_valid]), ("test", test_idx)):
-        out[split] = (idx, up[idx], down[idx])
-    return out
-
-
 def char_counts(up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct codepoints of both lines (ascending) and how often each occurs."""
     return np.unique(np.concatenate([up.ravel(), down.ravel()]), return_counts=True)
@@ -123,6 +94,10 @@ def _list_column(ids: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.int32()))
 
 
+SHARD_SCHEMA = pa.schema([("up", pa.string()), ("down", pa.string()), ("length", pa.int16()),
+                          ("up_ids", pa.list_(pa.int32())), ("down_ids", pa.list_(pa.int32()))])
+
+
 def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.ndarray) -> pa.Table:
     return pa.table(
         {
@@ -135,40 +110,72 @@ def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.n
     )
 
 
-def split_partition(group: pa.Table, length: int, valid_fraction: float) -> dict:
-    """Partition step 1, one line length: dedupe and assign splits (`split_length_group`).
+# --------------------------------------------------------------------------- partitions
+#
+# The build streams: it never holds the pairs whole. Its three rounds of partitions:
+#   1. dedupe_partition, per hash bucket of the pairs (spilled to disk by a hash of the pair text, so equal
+#      pairs share a bucket): which rows to keep;
+#   2. split_partition, per batch of the kept rows in their order: each row's split and line length, and the
+#      train split's character counts (merged into the vocabulary);
+#   3. shard_partition, per batch of one (split, length): the ids with the merged vocabulary.
+# Rows keep their order throughout, so every shard holds its rows in the order of passed.parquet.
 
-    Returns each split's row indices into `group` and the train split's character counts (`char_counts`).
+
+def dedupe_partition(bucket: pa.Table, index: int) -> np.ndarray:
+    """Round 1, one hash bucket (columns `row`, `is_test`, `up`, `down`): the rows to keep, ascending.
+
+    Each distinct test pair keeps its first row; each other distinct pair keeps its first row unless the
+    pair is also in test. Pairs are compared by their text, exactly.
     """
-    parts = split_length_group(group, length, valid_fraction)
-    return {"indices": {split: idx for split, (idx, _, _) in parts.items()}, "train_counts": char_counts(*parts["train"][1:])}
+    is_test = bucket["is_test"]
+    firsts = []
+    test_keys = None
+    for part in (bucket.filter(is_test), bucket.filter(pc.invert(is_test))):
+        first = part.group_by(["up", "down"], use_threads=False).aggregate([("row", "min")])
+        if test_keys is None:
+            test_keys = first.select(["up", "down"])
+        elif test_keys.num_rows and first.num_rows:
+            first = first.join(test_keys, keys=["up", "down"], join_type="left anti", use_threads=False)
+        firsts.append(first["row_min"].to_numpy())
+    return np.sort(np.concatenate(firsts).astype(np.int64))
 
 
-def shard_partition(group: pa.Table, length: int, indices: dict[str, np.ndarray], vocab: Vocab) -> list[dict]:
-    """Partition step 2, one line length: encode each split's rows and serialise its shard.
+def split_partition(batch: pa.Table, index: int, valid_fraction: float) -> dict:
+    """Round 2, one batch of kept rows (columns `split`, `up`, `down`): per (split, line length) the row
+    positions in the batch, and the train rows' character counts (`char_counts`)."""
+    lengths = pc.utf8_length(batch["up"]).to_numpy(zero_copy_only=False)
+    is_test = batch["split"].to_numpy(zero_copy_only=False) == "test"
+    rows: dict[tuple[str, int], np.ndarray] = {}
+    counts = []
+    for length in np.unique(lengths).tolist():
+        idx = np.flatnonzero(lengths == length)
+        group = batch.take(pa.array(idx))
+        up, down = codepoints(group["up"], length), codepoints(group["down"], length)
+        hashes = pair_hash(up, down)
+        test = is_test[idx]
+        valid = ~test & ((hashes % np.uint64(HASH_BUCKETS)) < np.uint64(round(valid_fraction * HASH_BUCKETS)))
+        train = ~test & ~valid
+        for split, mask in (("train", train), ("valid", valid), ("test", test)):
+            if mask.any():
+                rows[(split, length)] = idx[mask]
+        if train.any():
+            counts.append(char_counts(up[train], down[train]))
+    return {"rows": rows, "train_counts": counts}
 
-    Returns per non-empty split the rows, the UNK count of the upper lines and the shard's Parquet
-    bytes; the caller writes them (so only the stage's own process writes into its folder).
-    """
-    shards = []
-    for split in SPLITS:
-        idx = indices[split]
-        if not len(idx):
-            continue
-        rows = group.take(pa.array(idx))
-        up_ids = vocab.encode_codepoints(codepoints(rows["up"], length))
-        down_ids = vocab.encode_codepoints(codepoints(rows["down"], length))
-        sink = pa.BufferOutputStream()
-        pq.write_table(shard_table(rows, length, up_ids, down_ids), sink, compression="zstd", version="2.6", row_group_size=ROW_GROUP)
-        shards.append({"split": split, "rows": len(idx), "unk": int(np.count_nonzero(up_ids == 1)), "parquet": sink.getvalue().to_pybytes()})
-    return shards
+
+def shard_partition(rows: pa.Table, length: int, vocab: Vocab) -> dict:
+    """Round 3, one batch of a (split, length) shard's rows (`up`, `down`): the shard's columns and the
+    number of unknown characters in the upper lines. The stage writes them (it alone writes into its folder)."""
+    up_ids = vocab.encode_codepoints(codepoints(rows["up"], length))
+    down_ids = vocab.encode_codepoints(codepoints(rows["down"], length))
+    return {"table": shard_table(rows, length, up_ids, down_ids), "unk": int(np.count_nonzero(up_ids == 1))}
 
 
 def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False, partitions: Partitions | None = None) -> dict:
     """Stage 3. Returns a small manifest: status, key, counts, paths (absolute).
 
-    `partitions` runs the per-length work (see `Partitions`); the vocabulary is merged and every file
-    written here, into the stage's temporary folder.
+    `partitions` runs the partitions (see `Partitions` and the three rounds above); the vocabulary is
+    merged and every file written here, into the stage's temporary folder.
     """
     key = build_key(validated["key"], cfg)
     catalog = Catalog(home)
@@ -179,36 +186,76 @@ def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False,
     return catalog.resolved(result, ("build_dir",))  # recorded relative to the home; the caller gets it under the current home
 
 
+def _windowed(partitions: Partitions | None, fn: Callable[..., Any], calls: Iterator[tuple]) -> Iterator[tuple[tuple, Any]]:
+    """(call, result) for each call, in order, with at most WINDOW calls in flight at once."""
+    window: list[tuple] = []
+    for call in calls:
+        window.append(call)
+        if len(window) == WINDOW:
+            yield from zip(window, _map(partitions, fn, window))
+            window = []
+    if window:
+        yield from zip(window, _map(partitions, fn, window))
+
+
 def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfig, partitions: Partitions | None = None) -> dict:
-    """Dedupe, split, build the vocabulary and write one shard per split and length into `folder`.
+    """Dedupe, split, build the vocabulary and write one shard per split and length into `folder`, reading
+    passed.parquet a batch at a time; memory holds a few batches, one hash bucket and the vocabulary."""
+    passed_path = validated["passed_path"]
+    rows_in = parquet_rows(passed_path)
+    spill_dir = folder / ".spill"
+    try:
+        # round 1: the pairs by hash bucket, then which rows to keep
+        by_pair = HashSpill(spill_dir / "pairs", -(-rows_in // SPILL_ROWS), ["up", "down"])
+        start = 0
+        for batch in read_batches(passed_path, ["split", "up", "down"], BATCH_ROWS):
+            rows = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
+            by_pair.add(pa.table({"row": rows, "is_test": pc.equal(batch["split"], "test"), "up": batch["up"], "down": batch["down"]}))
+            start += batch.num_rows
+        keep = np.zeros(rows_in, dtype=bool)  # one byte per row
+        for _, kept in _windowed(partitions, dedupe_partition, ((table, i) for i, table in enumerate(by_pair.tables()))):
+            keep[kept] = True
 
-    Two rounds of partitions, one per line length: split (and count the train characters), then,
-    with the vocabulary of all of them, encode and serialise the shards; the files are written here.
-    """
-    pairs = pq.read_table(validated["passed_path"], columns=["split", "up", "down"])
-    rows_in = pairs.num_rows
-    line_lengths = pc.utf8_length(pairs["up"])
-    groups = {length: pairs.filter(pc.equal(line_lengths, length)) for length in sorted(pc.unique(line_lengths).to_pylist())}
-    del pairs, line_lengths
-    splits = _map(partitions, split_partition, [(group, length, cfg.valid_fraction) for length, group in groups.items()])
-    vocab = vocab_from_counts([part["train_counts"] for part in splits], cfg.min_count)
-    encoded = _map(partitions, shard_partition,
-                   [(group, length, part["indices"], vocab) for (length, group), part in zip(groups.items(), splits)])
+        # round 2: the kept rows' splits and lengths, spilled per (split, length); the train split's characters
+        by_shard = HashSpill(spill_dir / "shards", 1, [])
+        counts_of_train = []
 
-    shards, counts, lengths, unk = [], {s: 0 for s in SPLITS}, {s: {} for s in SPLITS}, {s: 0 for s in SPLITS}
-    vocab.save(folder / "vocab.json")
-    for split in SPLITS:
-        (folder / split).mkdir()
-    for length, parts in zip(groups, encoded):
-        for part in parts:
-            split = part["split"]
+        def kept_batches() -> Iterator[tuple]:
+            start = 0
+            for i, batch in enumerate(read_batches(passed_path, ["split", "up", "down"], BATCH_ROWS)):
+                mask = keep[start:start + batch.num_rows]
+                start += batch.num_rows
+                yield batch.filter(pa.array(mask)), i, cfg.valid_fraction
+
+        for (batch, _, _), part in _windowed(partitions, split_partition, kept_batches()):
+            for (split, length), idx in part["rows"].items():
+                by_shard.append((split, length), batch.select(["up", "down"]).take(pa.array(idx)))
+            counts_of_train += part["train_counts"]
+        vocab = vocab_from_counts(counts_of_train, cfg.min_count)
+        del counts_of_train
+        shards_spilled = sorted(by_shard.writers, key=lambda sl: (sl[1], SPLITS.index(sl[0])))
+        by_shard.close()
+
+        # round 3: encode and write each shard, a batch at a time
+        shards, counts, lengths, unk = [], {s: 0 for s in SPLITS}, {s: {} for s in SPLITS}, {s: 0 for s in SPLITS}
+        vocab.save(folder / "vocab.json")
+        for split in SPLITS:
+            (folder / split).mkdir()
+        for split, length in shards_spilled:
             rel = f"{split}/len-{length:02d}.parquet"
-            (folder / rel).write_bytes(part["parquet"])
-            shards.append({"split": split, "length": length, "rows": part["rows"], "path": rel,
-                           "sha256": hashlib.sha256(part["parquet"]).hexdigest()})
-            counts[split] += part["rows"]
-            lengths[split][str(length)] = part["rows"]
-            unk[split] += part["unk"]
+            n = 0
+            with RowGroupWriter(folder / rel, SHARD_SCHEMA, row_group_size=ROW_GROUP, combine=True) as writer:
+                batches = (pa.Table.from_batches([b]) for b in by_shard.batches((split, length)))
+                for _, part in _windowed(partitions, shard_partition, ((rows, length, vocab) for rows in batches)):
+                    writer.write(part["table"])
+                    n += part["table"].num_rows
+                    unk[split] += part["unk"]
+            by_shard.path((split, length)).unlink()
+            shards.append({"split": split, "length": length, "rows": n, "path": rel, "sha256": file_sha256(folder / rel)})
+            counts[split] += n
+            lengths[split][str(length)] = n
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
     return {
         "dataset_version": validated["dataset_version"],
         "validate_key": validated["key"],

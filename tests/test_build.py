@@ -120,15 +120,15 @@ def test_crash_leaves_previous_version_intact(tmp_path, home, monkeypatch):
     first = run_build(validated, cfg, home)
     before = snapshot(home / "data" / "processed")
     calls = {"n": 0}
-    real_write = build_mod.pq.write_table
+    real_write = build_mod.RowGroupWriter.write
 
-    def flaky_write(*args, **kwargs):
+    def flaky_write(self, *args, **kwargs):  # the second piece of a shard written: the first shard is on disk
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full (simulated)")
-        return real_write(*args, **kwargs)
+        return real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(build_mod.pq, "write_table", flaky_write)
+    monkeypatch.setattr(build_mod.RowGroupWriter, "write", flaky_write)
     with pytest.raises(OSError, match="simulated"):
         run_build(validated, cfg, home, force=True)
     assert snapshot(home / "data" / "processed") == before
