@@ -30,7 +30,7 @@ SPLITS = ("train", "valid", "test")
 ROW_GROUP = 65_536
 HASH_BUCKETS = 1_000_000
 BATCH_ROWS = 250_000  # rows of passed.parquet read at a time
-SPILL_ROWS = 1 << 18  # rows per hash bucket of the dedupe
+SPILL_ROWS = 1 << 19  # rows per hash bucket of the dedupe (one partition each)
 WINDOW = 2  # partitions in flight at once
 
 # How the stage runs its partitions (one per line length): `partitions(fn, calls)` returns
@@ -117,7 +117,9 @@ def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.n
 #      pairs share a bucket): which rows to keep;
 #   2. split_partition, per batch of the kept rows in their order: each row's split and line length, and the
 #      train split's character counts (merged into the vocabulary);
-#   3. shard_partition, per batch of one (split, length): the ids with the merged vocabulary.
+#   3. shard_partition, per batch of one (split, length): the ids with the merged vocabulary. This round runs
+#      here, in the stage's process, which compresses and writes the shards: a task run per batch of a shard
+#      costs more than encoding it (a vocabulary lookup).
 # Rows keep their order throughout, so every shard holds its rows in the order of passed.parquet.
 
 
@@ -165,7 +167,7 @@ def split_partition(batch: pa.Table, index: int, valid_fraction: float) -> dict:
 
 def shard_partition(rows: pa.Table, length: int, vocab: Vocab) -> dict:
     """Round 3, one batch of a (split, length) shard's rows (`up`, `down`): the shard's columns and the
-    number of unknown characters in the upper lines. The stage writes them (it alone writes into its folder)."""
+    number of unknown characters in the upper lines."""
     up_ids = vocab.encode_codepoints(codepoints(rows["up"], length))
     down_ids = vocab.encode_codepoints(codepoints(rows["down"], length))
     return {"table": shard_table(rows, length, up_ids, down_ids), "unk": int(np.count_nonzero(up_ids == 1))}
@@ -245,8 +247,8 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
             rel = f"{split}/len-{length:02d}.parquet"
             n = 0
             with RowGroupWriter(folder / rel, SHARD_SCHEMA, row_group_size=ROW_GROUP, combine=True) as writer:
-                batches = (pa.Table.from_batches([b]) for b in by_shard.batches((split, length)))
-                for _, part in _windowed(partitions, shard_partition, ((rows, length, vocab) for rows in batches)):
+                for batch in by_shard.batches((split, length)):
+                    part = shard_partition(pa.Table.from_batches([batch]), length, vocab)
                     writer.write(part["table"])
                     n += part["table"].num_rows
                     unk[split] += part["unk"]

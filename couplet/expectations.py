@@ -45,7 +45,7 @@ class SuiteRun:
     """The versioned suite (its `$PARAMETER`s filled from `parameters`) over one batch that arrives in chunks.
 
     `add(frame)` validates one chunk (a pandas frame of the GX columns; its index is the rows' position
-    in the batch) with `Batch.validate`, which stores nothing; `finish()` merges the chunks' results into
+    in the batch) as `Batch.validate` does, storing nothing; `finish()` merges the chunks' results into
     the batch's result — counts summed, percentages and `mostly` recomputed over all rows, the first
     unexpected values kept — stores that one result in the file context under reports/gx and builds its
     Data Docs page (what a checkpoint's UpdateDataDocsAction does), so each run has one result and one page
@@ -82,10 +82,14 @@ class SuiteRun:
         self.chunks = 0
 
     def add(self, frame) -> None:
-        batch = self.batch_definition.get_batch(batch_parameters={"dataframe": frame})
-        result = batch.validate(self.suite, result_format={"result_format": "SUMMARY"})
+        # what Batch.validate and ValidationDefinition.run do, with the batch built once (GX hashes each frame it gets)
+        from great_expectations.validator.v1_validator import Validator
+
+        validator = Validator(batch_definition=self.batch_definition, batch_parameters={"dataframe": frame},
+                              result_format={"result_format": "SUMMARY"})
+        result = validator.validate_expectation_suite(self.suite)
         if self.result is None:
-            self.result, self.batch_id = result, batch.id
+            self.result, self.batch_id = result, validator.active_batch_id
             self.totals = [{} for _ in result.results]
         for total, part in zip(self.totals, result.results, strict=True):
             _merge_counts(total, part.result)

@@ -229,7 +229,7 @@ PASSED_SCHEMA = pa.schema([("split", pa.string()), ("line_no", pa.int32()), ("up
 REJECTS_SCHEMA = PASSED_SCHEMA.append(pa.field("rules", pa.list_(pa.string())))
 WINDOW = 2  # partitions in flight at once: memory holds this many chunks, not the batch
 SPILL_ROWS = 1 << 18  # rows per hash bucket of the exact distinct-pair count
-GX_ROWS = 50_000  # rows per pandas frame shown to the GX suite (its results are merged over the batch)
+GX_ROWS = CHUNK_ROWS  # rows per pandas frame shown to the GX suite (its results are merged over the batch)
 
 
 def _windows(chunks: Iterator[pa.Table], size: int) -> Iterator[list[tuple[int, pa.Table]]]:

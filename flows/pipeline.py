@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -63,8 +64,8 @@ def _partition_task(fn: Callable[..., Any]):
 
 
 def _partition_run_name(stage: str, fn: Callable[..., Any], index: int, call: tuple) -> str:
-    if stage == "build":  # the second argument of both build partitions is the line length
-        return f"build-{fn.__name__.split('_')[0]}_len{call[1]:02d}"
+    if stage == "build":  # the second argument of each build partition: its hash bucket, batch or line length
+        return f"build-{fn.__name__.split('_')[0]}{call[1]:03d}"
     return f"{stage}-chunk{index:03d}"
 
 
@@ -72,12 +73,15 @@ def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], li
     """`partitions(fn, calls)` for couplet.validate / couplet.build: one task run per call on the data
     stages' task runner (`data_task_runner`), results in call order; the first failure raises."""
 
+    submitted = itertools.count()  # the stages hand over their partitions a window at a time: number them across windows
+
     def partitions(fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
         runner = _partition_runner.get()() or FlowRunContext.get().task_runner
         names = list(inspect.signature(fn).parameters)
         futures = [
-            runner.submit(_partition_task(fn).with_options(task_run_name=_partition_run_name(stage, fn, i, call)), dict(zip(names, call)))
-            for i, call in enumerate(calls)
+            runner.submit(_partition_task(fn).with_options(task_run_name=_partition_run_name(stage, fn, next(submitted), call)),
+                          dict(zip(names, call)))
+            for call in calls
         ]
         return [future.result() for future in futures]
 
