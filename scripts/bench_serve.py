@@ -208,6 +208,57 @@ def raw_load(host: str, port: int, body: bytes, connections: int, warmup_s: floa
     }
 
 
+# ------------------------------------------------------------------------- connections per server process
+
+
+def _connections_by_pid(root: int, port: int) -> list[int]:
+    """Established connections to local `port` held by each process in `root`'s tree (Linux /proc), sorted."""
+    pids = {root}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1]) == root:
+                pids.add(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owner[target[8:-1]] = pid
+        except OSError:
+            continue
+    counts = Counter()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in owner:
+            counts[owner[fields[9]]] += 1
+    return sorted(counts.values(), reverse=True)
+
+
+class SplitSampler:
+    """Samples, once a second in a thread, how the client's connections are spread over the server's
+    processes; `stop()` returns how often each split was seen, e.g. {"2-2": 9, "3-1": 1}."""
+
+    def __init__(self, server_pid: int, port: int):
+        self.seen = Counter()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(server_pid, port), daemon=True)
+        self.thread.start()
+
+    def _run(self, server_pid: int, port: int) -> None:
+        while not self.done.wait(1.0):
+            split = _connections_by_pid(server_pid, port)
+            if split:
+                self.seen["-".join(map(str, split))] += 1
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join()
+        return dict(self.seen.most_common())
+
+
 # ---------------------------------------------------------------------------------------------- wrk
 
 _WRK_LUA = r"""
@@ -306,10 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         health = wait_healthy(url, args.startup_timeout, proc)
         load_before = os.getloadavg()[0]
         host, port_s = url.split("://", 1)[1].split(":")
+        splits = SplitSampler(proc.pid, int(port_s)) if proc is not None else None
         if client == "wrk":
             result = wrk_load(url, body, args.connections, args.warmup, args.duration)
         else:
             result = raw_load(host, int(port_s), body, args.connections, args.warmup, args.duration, args.max_requests)
+        if splits is not None:
+            result["connection_splits"] = splits.stop()
         result.update(
             client=client,
             connections=args.connections,
