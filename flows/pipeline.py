@@ -21,6 +21,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, get_run_context
 from prefect.states import Completed
+from prefect.transactions import BaseTransaction
 
 from couplet import registry
 from couplet.build import run_build
@@ -78,11 +79,17 @@ def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], li
     def partitions(fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
         runner = _partition_runner.get()() or FlowRunContext.get().task_runner
         names = list(inspect.signature(fn).parameters)
-        futures = [
-            runner.submit(_partition_task(fn).with_options(task_run_name=_partition_run_name(stage, fn, next(submitted), call)),
-                          dict(zip(names, call)))
-            for call in calls
-        ]
+        # Submitted outside the stage task's transaction: a task run's transaction is kept, with its result, in its
+        # parent's `children` until the parent ends, which would hold every partition's data for the whole stage.
+        outside = BaseTransaction.__var__.set(None)
+        try:
+            futures = [
+                runner.submit(_partition_task(fn).with_options(task_run_name=_partition_run_name(stage, fn, next(submitted), call)),
+                              dict(zip(names, call)))
+                for call in calls
+            ]
+        finally:
+            BaseTransaction.__var__.reset(outside)
         return [future.result() for future in futures]
 
     return partitions

@@ -226,3 +226,36 @@ def test_fetch_raw_same_bytes_twice_no_extraction(tmp_path, home):
     assert not cached
     raw2, cached2 = fetch_raw(cfg(tarball), home)
     assert cached2 and raw2.root == raw.root
+
+
+def test_parsing_in_small_batches_gives_the_same_file_and_the_same_errors(tmp_path, monkeypatch):
+    """Parsing streams (blocks of bytes, batches of lines): tiny blocks and batches write the same bytes, and
+    errors come in the order of reading each file whole (in.txt's UTF-8, out.txt's UTF-8, then line counts)."""
+    import couplet.ingest as ingest_module
+
+    layout = write_dataset_dir(tmp_path / "src", make_pairs(50), make_pairs(7, seed=9))
+    ingest_module.write_pairs(layout, tmp_path / "whole.parquet")
+    monkeypatch.setattr(ingest_module, "BATCH_LINES", 4)
+    monkeypatch.setattr(ingest_module, "BLOCK_BYTES", 16)
+    ingest_module.write_pairs(layout, tmp_path / "batched.parquet")
+    assert (tmp_path / "batched.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert parse_pairs(layout).num_rows == 57
+
+    def corrupt(rel: str, line: int, drop_last: bool = False) -> int:
+        lines = (layout / rel).read_bytes().split(b"\n")
+        lines[line - 1] = b"\xff" + lines[line - 1]
+        if drop_last:
+            lines = lines[:-2] + [b""]
+        (layout / rel).write_bytes(b"\n".join(lines))
+        return len(b"\n".join(lines[: line - 1])) + 1  # the bad byte's offset
+
+    offset = corrupt("train/out.txt", 40, drop_last=True)  # also one line short
+    with pytest.raises(IngestError, match=rf"^invalid UTF-8 in train/out.txt line 40 \(byte {offset}\)$"):
+        parse_pairs(layout)
+    offset = corrupt("train/in.txt", 45)
+    with pytest.raises(IngestError, match=rf"^invalid UTF-8 in train/in.txt line 45 \(byte {offset}\)$"):
+        parse_pairs(layout)
+    layout = write_dataset_dir(tmp_path / "src2", make_pairs(50), make_pairs(7, seed=9))
+    (layout / "train" / "out.txt").write_bytes(b"\n".join((layout / "train" / "out.txt").read_bytes().split(b"\n")[:-2]) + b"\n")
+    with pytest.raises(IngestError, match="^train/in.txt has 50 lines but train/out.txt has 49$"):
+        parse_pairs(layout)
