@@ -5,6 +5,8 @@
 - Exact duplicate pairs are removed; a pair that is in test is removed from train/valid.
 - The vocabulary counts characters of the train split only.
 - Each shard holds one split and one line length, so training batches need no padding.
+- The stage streams passed.parquet (see "partitions" below): memory holds a few batches, one hash
+  bucket and the vocabulary; the pairs are spilled to temporary files in the stage's folder.
 """
 
 from __future__ import annotations

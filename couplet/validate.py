@@ -1,9 +1,10 @@
 """Stage 2 — validate: row rules, rejects, and the Great Expectations suite as the batch gate.
 
-Row rules are computed with pyarrow over the whole table (fast, vectorised); every row that breaks
-one goes to `rejects.parquet` with the names of the rules it broke. The versioned GX suite in
-`couplet/suites/couplet_pairs.json` checks the same properties independently (its own regexes and
-pandas kernels) with `mostly = 1 - max_reject_rate`, and builds the Data Docs people inspect.
+Row rules are computed with pyarrow (fast, vectorised) a chunk of rows at a time, so memory does not
+grow with the batch; every row that breaks one goes to `rejects.parquet` with the names of the rules
+it broke. The versioned GX suite in `couplet/suites/couplet_pairs.json` checks the same properties
+independently (its own regexes and pandas kernels) with `mostly = 1 - max_reject_rate`, chunk by chunk,
+its results merged into one verdict on the whole batch and one Data Docs page per run.
 A batch-level failure raises `ValidationFailed` with a one-line reason and writes nothing downstream.
 """
 
