@@ -198,12 +198,13 @@ def test_a_killed_rank_fails_the_run_in_one_line_and_a_rerun_resumes(build, tmp_
 
 @pytest.mark.integration
 def test_an_interrupt_stops_every_rank_and_rank_0_writes_the_last_checkpoint(build, tmp_path):
-    # Ctrl-C in the process that called train_labeller: a process of its own, so that no signal handler another
-    # test left in this pytest process can decide the outcome
+    # Ctrl-C in the process that called train_labeller: a process of its own, whose SIGINT handler the test sets
     config = replace(with_nproc(small_config(max_steps=100_000, lr_schedule="constant"), 2), "train", checkpoint_every=10_000)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     caller = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from couplet.config import load_config; "
+        [sys.executable, "-c", "import signal, sys; from pathlib import Path; from couplet.config import load_config; "
+         # as an interactive caller has it: a suite started as a background job (`./test.sh &`) inherits SIGINT ignored
+         "signal.signal(signal.SIGINT, signal.default_int_handler); "
          "from couplet.train import train_labeller; "
          "train_labeller(Path(sys.argv[1]), load_config(sys.argv[2]), Path(sys.argv[3]), progress=False)",
          str(build), str(tmp_path / "config.json"), str(tmp_path / "m")],
