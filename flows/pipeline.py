@@ -43,6 +43,10 @@ class DaskUnreachable(RuntimeError):
     """The Dask scheduler given by --dask-address did not answer (or has no workers); one line."""
 
 
+class PartitionLost(RuntimeError):
+    """A partition the Dask cluster could not run to the end (its workers died, or the scheduler went away); one line."""
+
+
 # ----------------------------------------------------------------------------------------- partitions
 #
 # Validate and build hand their partitions (row chunks; line lengths) to a `partitions(fn, calls)`
@@ -83,16 +87,32 @@ def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], li
         # parent's `children` until the parent ends, which would hold every partition's data for the whole stage.
         outside = BaseTransaction.__var__.set(None)
         try:
-            futures = [
-                runner.submit(_partition_task(fn).with_options(task_run_name=_partition_run_name(stage, fn, next(submitted), call)),
-                              dict(zip(names, call)))
-                for call in calls
-            ]
+            run_names = [_partition_run_name(stage, fn, next(submitted), call) for call in calls]
+            futures = [runner.submit(_partition_task(fn).with_options(task_run_name=run_name), dict(zip(names, call)))
+                       for run_name, call in zip(run_names, calls)]
         finally:
             BaseTransaction.__var__.reset(outside)
-        return [future.result() for future in futures]
+        return [_partition_result(stage, run_name, future) for run_name, future in zip(run_names, futures)]
 
     return partitions
+
+
+def _partition_result(stage: str, run_name: str, future) -> Any:
+    """The partition's result; a failure of the Dask cluster itself (not of the partition's code) as one line."""
+    try:
+        return future.result()
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] != "distributed":  # the partition's own error, already one line
+            raise
+        if type(exc).__name__ == "KilledWorker":
+            tries = getattr(exc, "allowed_failures", None)
+            last = getattr(getattr(exc, "last_worker", None), "address", None)
+            why = (f"the Dask workers died while running it (KilledWorker: {tries + 1 if isinstance(tries, int) else 'several'} workers"
+                   f"{', the last ' + last if last else ''})")
+        else:
+            why = f"the Dask cluster lost it ({type(exc).__name__}: {' '.join(str(exc).split())[:200] or '-'})"
+        raise PartitionLost(f"{stage}: partition {run_name} did not finish: {why}; nothing of {stage} was written - "
+                            "run the same command again (finished stages stay cached)") from None
 
 
 def _started_dask_runner(stack: contextlib.ExitStack, dask_address: str | None):

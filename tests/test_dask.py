@@ -80,9 +80,11 @@ def _couplet_run(home: Path, prefect_home: Path, *args: str, probe_modules: bool
 @pytest.fixture
 def dask_cluster():
     """A Dask LocalCluster: 2 single-threaded worker processes on loopback."""
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+    # a partition that kills 2 workers fails (the default, 3, restarts workers 4 times: slower, and tested by nobody here)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
         yield cluster
 
 
@@ -129,3 +131,66 @@ def test_dask_runner_gives_the_local_runners_outputs(tmp_path, prefect_home, das
     assert len(pages) == 1, pages
     assert not [p for p in (dask_home / "data").rglob("*") if p.name.startswith((".tmp-", ".old-"))]
     print(f"timings (s from start): local {t_local:.1f}, unreachable {t_unreachable:.1f}, dask {t_dask:.1f}")
+
+
+def _kill_worker_plugin(folder: Path):
+    """A Dask WorkerPlugin that SIGKILLs its own worker process as a task starts executing, while `folder`
+    holds a file `always`, or once (for one worker) when it holds a file `once` - renamed away by the
+    worker that claims it. Defined here, so cloudpickle sends it to the workers by value."""
+    from distributed import WorkerPlugin
+
+    class KillOnExecute(WorkerPlugin):
+        name = "couplet-test-kill-on-execute"
+
+        def transition(self, key, start, finish, **kwargs):
+            if finish != "executing":
+                return
+            if not (folder / "always").exists():
+                try:
+                    os.rename(folder / "once", folder / f"claimed-{os.getpid()}")
+                except OSError:
+                    return
+            os.kill(os.getpid(), 9)
+
+    return KillOnExecute()
+
+
+@pytest.mark.integration
+def test_a_worker_dying_mid_stage_fails_in_one_line_and_the_rerun_completes(tmp_path, prefect_home, dask_cluster):
+    """Workers SIGKILLed while running validate's partitions: once Dask has seen a partition kill its workers
+    (allowed-failures + 1 times) the run ends in one line and nothing half-written stays under data/processed;
+    the same command then completes even though one more worker dies under it (Dask reruns its partition)."""
+    from distributed import Client
+
+    source = _dataset(tmp_path / "data.tar.gz")
+    home, switches = tmp_path / "home", tmp_path / "switches"
+    home.mkdir()
+    switches.mkdir()
+    (switches / "always").touch()
+    address = dask_cluster.scheduler_address
+    with Client(address) as client:
+        client.register_plugin(_kill_worker_plugin(switches))
+        failed = _couplet_run(home, prefect_home, "--source", str(source), "--until", "build", "--runner", "dask", "--dask-address", address)
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: validate: partition validate-chunk") and "Dask workers died" in last and "KilledWorker" in last, failed.stderr[-3000:]
+        assert "run the same command again" in last
+        print("the failure's line:", last)
+        processed = home / "data" / "processed"
+        assert (processed / "ingest").is_dir()  # ingest runs before the partitions and stays cached
+        assert not (processed / "validate").exists() or not list((processed / "validate").rglob("manifest.json"))
+        assert not (processed / "build").exists()
+        assert not [p for p in processed.rglob("*") if p.name.startswith((".tmp-", ".old-"))]
+
+        (switches / "always").unlink()
+        (switches / "once").touch()
+        client.wait_for_workers(2, timeout=60)  # the nannies restart the killed workers
+        rerun = _couplet_run(home, prefect_home, "--source", str(source), "--until", "build", "--runner", "dask", "--dask-address", address,
+                             "--json")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(list(switches.glob("claimed-*"))) == 1  # a worker died under the re-run too, and Dask ran its partition elsewhere
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["stages"]["ingest"]["status"] == "cached"
+    assert summary["stages"]["validate"]["status"] == summary["stages"]["build"]["status"] == "completed"
+    assert summary["counts"]["rejected"] == 15
+    assert not [p for p in (home / "data").rglob("*") if p.name.startswith((".tmp-", ".old-"))]
