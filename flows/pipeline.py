@@ -109,6 +109,8 @@ def _partition_result(stage: str, run_name: str, future) -> Any:
             last = getattr(getattr(exc, "last_worker", None), "address", None)
             why = (f"the Dask workers died while running it (KilledWorker: {tries + 1 if isinstance(tries, int) else 'several'} workers"
                    f"{', the last ' + last if last else ''})")
+        elif type(exc).__name__ == "FutureCancelledError":  # the client lost its scheduler (or someone cancelled it)
+            why = "the Dask cluster lost it: its scheduler went away or cancelled it"
         else:
             why = f"the Dask cluster lost it ({type(exc).__name__}: {' '.join(str(exc).split())[:200] or '-'})"
         raise PartitionLost(f"{stage}: partition {run_name} did not finish: {why}; nothing of {stage} was written - "
