@@ -338,6 +338,14 @@ class GroupPlan:
     applied: list[str]  # constraints enforced on this line ("tone" only where it applied)
 
 
+def _sum_positions(lp: np.ndarray, group_of: list[int], n_groups: int, dtype) -> np.ndarray:
+    """Each group's row: the sum of its positions' rows, position by position in position order, in `dtype`."""
+    scores = np.zeros((n_groups, lp.shape[1]), dtype=dtype)
+    for i, g in enumerate(group_of):
+        scores[g] += lp[i]
+    return scores
+
+
 def plan_groups(
     upper: str, lp: np.ndarray, tables: _VocabTables, options: DecodeOptions, dtype=np.float32
 ) -> GroupPlan:
@@ -351,7 +359,8 @@ def plan_groups(
 
     `dtype` is how groups are summed. float32 (decode's hot path): one matmul of a float32 0/1
     membership matrix with `lp`, whose result follows `lp`'s dtype (float64 log-probs give float64
-    sums). Any other dtype (the beam's float64): row by row, in position order, in that dtype. A line
+    sums; where `lp` holds -inf, 0 * -inf would make NaN, so such a line is summed row by row, in `lp`'s
+    dtype). Any other dtype (the beam's float64): row by row, in position order, in that dtype. A line
     without repeats is `lp` copied as `dtype` either way. `scores` is a new array the caller owns.
     """
     applied: list[str] = []
@@ -368,11 +377,12 @@ def plan_groups(
     elif dtype is np.float32 or np.dtype(dtype) == np.float32:  # `is` first: ~1 us on the hot path
         member = np.zeros((n_groups, length), dtype=np.float32)
         member[group_of, np.arange(length)] = 1.0
-        scores = member @ lp
-    else:  # position by position, in position order, in `dtype`
-        scores = np.zeros((n_groups, lp.shape[1]), dtype=dtype)
-        for i, g in enumerate(group_of):
-            scores[g] += lp[i]
+        with np.errstate(invalid="ignore"):
+            scores = member @ lp
+        if np.isnan(scores).any():  # 0 * -inf: a masked entry of one position would spoil every other group's row
+            scores = _sum_positions(lp, group_of, n_groups, lp.dtype)
+    else:
+        scores = _sum_positions(lp, group_of, n_groups, dtype)
     scores[:, PAD] = NEG_INF
     scores[:, UNK] = NEG_INF
 

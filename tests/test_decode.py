@@ -288,3 +288,23 @@ def test_bad_shapes_and_empty_line():
     assert decode("", np.zeros((0, len(VOCAB)), dtype=np.float32), VOCAB).candidates == [("", 0.0)]
     padded = _log_probs(2, 5)  # extra (padding) rows are ignored
     assert decode("天风", padded, VOCAB).candidates == decode("天风", padded[:2], VOCAB).candidates
+
+
+def test_a_masked_entry_of_one_position_leaves_the_other_groups_alone():
+    """A -inf in a caller's matrix (a masked character) at a position without repeats: decode's float32 group sums
+    must not turn the repeated group's row into NaN (0 * -inf in a membership matmul), which would make its
+    constraint look unsatisfiable and relax it."""
+    rng = np.random.default_rng(5)
+    lp = (rng.standard_normal((3, len(VOCAB))) - 8.0).astype(np.float32)
+    lp[2, VOCAB.stoi["风"]] = -np.inf
+    options = DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=False)
+    p32 = plan_groups("天天山", lp, _tables(VOCAB), options)
+    p64 = plan_groups("天天山", lp, _tables(VOCAB), options, dtype=np.float64)
+    assert not np.isnan(p32.scores).any()
+    assert np.array_equal(np.isfinite(p32.scores), np.isfinite(p64.scores))
+    finite = np.isfinite(p64.scores)
+    np.testing.assert_allclose(p32.scores[finite], p64.scores[finite], rtol=0, atol=1e-4)
+    result = decode("天天山", lp, VOCAB, options=options)
+    assert result.relaxed == []
+    best = result.candidates[0][0]
+    assert best[0] == best[1] and best[2] != best[0] and best[2] != "风"
