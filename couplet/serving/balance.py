@@ -56,7 +56,7 @@ class SlotTable:
         self._map = mmap.mmap(self._file.fileno(), size)
         fcntl.flock(self._file, fcntl.LOCK_EX)  # two workers starting at once must not claim one slot
         try:
-            free = [i for i in range(self.slots) if not self._pid(i) or not _alive(self._pid(i))]
+            free = [i for i in range(self.slots) if not (pid := self._pid(i)) or not _alive(pid)]
             if not free:
                 raise ValueError(f"{path}: all {self.slots} slots are held by live workers")
             self.index = free[0]
