@@ -10,6 +10,7 @@ archive, its extraction and a manifest; the same bytes again are neither downloa
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -30,6 +31,7 @@ from couplet.stage import code_version
 SPLITS = ("train", "test")
 LAYOUT_FILES = tuple(f"{split}/{side}.txt" for split in SPLITS for side in ("in", "out"))
 CHUNK = 1 << 20
+log = logging.getLogger("couplet.raw")
 
 
 class IngestError(RuntimeError):
@@ -248,6 +250,19 @@ def _store_directory(raw_name_dir: Path, layout_src: Path, sha256: str, source: 
     return RawDataset(root=root, layout_dir=root / manifest["layout"], sha256=sha256, manifest=manifest)
 
 
+def _kept_copy(raw_name_dir: Path, source: str, expected: str | None) -> RawDataset | None:
+    """The raw layer's newest copy of the local file or folder `source` (as it was ingested, or the one with the
+    expected sha256), for a source that is gone: a home restored elsewhere, or a drop cleaned up after ingest."""
+    if expected:  # the bytes are pinned: whichever path they came from
+        return _existing_raw(raw_name_dir, expected)
+    copies = []
+    for manifest_path in raw_name_dir.glob("*/manifest.json"):
+        manifest = read_json(manifest_path)
+        if manifest.get("source") == source and (hit := _existing_raw(raw_name_dir, manifest.get("sha256", ""))) is not None:
+            copies.append((manifest.get("ingested_at", ""), hit.root.name, hit))
+    return max(copies, key=lambda c: c[:2])[2] if copies else None
+
+
 def fetch_raw(cfg: DataConfig, home: Path, progress: bool = True) -> tuple[RawDataset, bool]:
     """Bring the source into the raw layer. Returns the dataset and whether it was already there."""
     source = cfg.source
@@ -286,7 +301,12 @@ def fetch_raw(cfg: DataConfig, home: Path, progress: bool = True) -> tuple[RawDa
 
     path = Path(source).expanduser()
     if not path.exists():
-        raise IngestError(f"source not found: {source}")
+        kept = _kept_copy(raw_name_dir, str(path.resolve()), expected)
+        if kept is None:
+            raise IngestError(f"source not found: {source}")
+        log.warning("source not found: %s; using the copy this home ingested from it on %s (%s, sha256 %s)",
+                    source, kept.manifest.get("ingested_at", "?"), Catalog(home).relative(kept.root), kept.sha256[:12])
+        return kept, True
     if path.is_dir():
         layout = find_layout(path)
         sha256 = sha256_layout(layout)

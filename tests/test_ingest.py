@@ -259,3 +259,23 @@ def test_parsing_in_small_batches_gives_the_same_file_and_the_same_errors(tmp_pa
     (layout / "train" / "out.txt").write_bytes(b"\n".join((layout / "train" / "out.txt").read_bytes().split(b"\n")[:-2]) + b"\n")
     with pytest.raises(IngestError, match="^train/in.txt has 50 lines but train/out.txt has 49$"):
         parse_pairs(layout)
+
+
+def test_a_local_source_that_is_gone_is_read_from_the_homes_raw_copy(tmp_path, home, caplog):
+    """A home restored elsewhere, or a drop deleted after its ingest: the same --source is served from the raw layer
+    (with a warning naming the copy), and ingest stays cached; a path never ingested is still an error."""
+    source = write_dataset_tarball(tmp_path / "drop" / "couplet.tar.gz", n_train=20, n_test=4, seed=9)
+    first = run_ingest(cfg(source), home)
+    older = write_dataset_tarball(tmp_path / "drop" / "other.tar.gz", n_train=12, n_test=3, seed=10)
+    run_ingest(cfg(older), home)  # another source's copy in the same raw layer must not be picked
+    source.unlink()
+    before = snapshot(home / "data")
+    with caplog.at_level("WARNING", logger="couplet.raw"):
+        again = run_ingest(cfg(source), home)
+    assert again["status"] == "cached" and again["key"] == first["key"]
+    assert any(f"source not found: {source}; using the copy this home ingested" in r.getMessage() for r in caplog.records)
+    assert snapshot(home / "data") == before
+    pinned = run_ingest(cfg(tmp_path / "drop" / "renamed.tar.gz", sha256=first["raw_sha256"]), home)
+    assert pinned["key"] == first["key"]  # a pinned sha256 names the bytes, whatever path they came from
+    with pytest.raises(IngestError, match="source not found"):
+        run_ingest(cfg(tmp_path / "drop" / "never.tar.gz"), home)
