@@ -78,6 +78,7 @@ class Ranks:
     def place(self, device: torch.device) -> torch.device:
         """The device of this rank: its own GPU (LOCAL_RANK) on CUDA, the CPU otherwise."""
         if device.type == "cuda":
+            check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", self.local_rank + 1)))
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
             self.comm_device = device  # NCCL collectives take CUDA tensors
@@ -144,6 +145,15 @@ class Ranks:
 # --------------------------------------------------------------------------- the parent: start torchrun, wait
 
 
+def check_gpus_per_node(nproc_per_node: int) -> None:
+    """Each CUDA rank owns the GPU of its LOCAL_RANK, and NCCL cannot run two ranks on one GPU: fail in one line
+    before anything starts rather than with an NCCL error from inside the ranks."""
+    gpus = torch.cuda.device_count()
+    if nproc_per_node > gpus:
+        raise ValueError(f"train.nproc={nproc_per_node} processes per node need one GPU each, but this machine has "
+                         f"{gpus}: use train.nproc<={gpus}, or train.device=cpu for gloo")
+
+
 def launch_training(build_dir: Path, config: Config, model_dir: Path, *, progress: bool = True) -> dict:
     """Train with train.nproc processes on this machine (torchrun --standalone); returns rank 0's summary.
 
@@ -154,6 +164,8 @@ def launch_training(build_dir: Path, config: Config, model_dir: Path, *, progres
     if config.train.batch_size % nproc:
         raise ValueError(f"train.batch_size={config.train.batch_size} cannot be split over train.nproc={nproc} "
                          "processes: make it a multiple of nproc")
+    if config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available()):
+        check_gpus_per_node(nproc)
     model_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="couplet-ddp-") as tmp:
         config_path, result_path, error_path = Path(tmp, "config.json"), Path(tmp, "result.json"), Path(tmp, "error.txt")

@@ -101,6 +101,10 @@ def compare_nproc(args) -> dict:
     """One process in this one, then args.nproc under torchrun: {"nproc_1": ..., "nproc_N": ..., "ratio": N/1}."""
     import subprocess
 
+    from couplet.distributed import check_gpus_per_node
+
+    if args.device.startswith("cuda"):
+        check_gpus_per_node(args.nproc)  # before the one-process figure, not after it
     single = measure(args)
     argv = list(sys.argv[1:])
     at = argv.index("--nproc")

@@ -258,3 +258,18 @@ def test_workers_stop_and_checkpoint_when_the_launcher_is_killed(build, tmp_path
         time.sleep(0.1)
     assert not _pid_of(tag, 0) and not _pid_of(tag, 1), "workers outlived their launcher"
     assert (tmp_path / "m" / "checkpoints" / "last.pt").is_file()  # rank 0's last checkpoint, on the signal
+
+
+def test_cuda_with_more_processes_than_gpus_fails_in_one_line_before_starting(build, tmp_path, monkeypatch):
+    # each CUDA rank takes the GPU of its LOCAL_RANK and NCCL cannot put two ranks on one GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = replace(with_nproc(small_config(max_steps=4), 2), "train", device="cuda")
+    with pytest.raises(ValueError) as info:
+        train_labeller(build, config, tmp_path / "m", progress=False)
+    assert str(info.value) == ("train.nproc=2 processes per node need one GPU each, but this machine has 1: "
+                               "use train.nproc<=1, or train.device=cpu for gloo")
+    assert not (tmp_path / "m").exists()
+    auto = replace(config, "train", device="auto")  # auto picks CUDA when it is there
+    with pytest.raises(ValueError, match=r"^train\.nproc=2 processes per node need one GPU each"):
+        train_labeller(build, auto, tmp_path / "m", progress=False)
