@@ -164,7 +164,9 @@ def launch_training(build_dir: Path, config: Config, model_dir: Path, *, progres
     if config.train.batch_size % nproc:
         raise ValueError(f"train.batch_size={config.train.batch_size} cannot be split over train.nproc={nproc} "
                          "processes: make it a multiple of nproc")
-    if config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available()):
+    from couplet.train import pick_device
+
+    if pick_device(config.train.device).type == "cuda":  # the device each rank will pick
         check_gpus_per_node(nproc)
     model_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="couplet-ddp-") as tmp:

@@ -2,8 +2,8 @@
 
 The 2-process runs use gloo on CPU and the tiny model of tests/test_train.py; each costs ~10 s on 2 cores, most
 of it starting torchrun and its workers. Tolerances, for the same config and global batch as one process:
-- dropout off, fp32 (train.cpu_bf16=false): best validation loss within 1e-3 (relative) and every saved weight within 1e-4 (absolute) — the
-  gradients are the same up to float summation order;
+- dropout off, fp32 (train.cpu_bf16=false): best validation loss within 1e-3 (relative) and every saved weight
+  within 1e-4 (absolute) — the gradients are the same up to float summation order;
 - dropout on (each rank draws its own masks): best validation loss within 0.01 (absolute) of one process's once
   both have trained (48 steps).
 """
