@@ -19,12 +19,12 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from couplet.catalog import MODEL_FILES, Catalog, is_model_dir
-from couplet.config import Config, DataConfig, couplet_home
-from couplet.decode import DecodeOptions, decode
-from couplet.punct import is_punct
+from couplet.core.catalog import MODEL_FILES, Catalog, is_model_dir
+from couplet.core.config import Config, DataConfig, couplet_home
+from couplet.decoding.decode import DecodeOptions, decode
+from couplet.data.punct import is_punct
 from couplet.registry import RegistryError, champion_dir
-from couplet.vocab import UNK, Vocab
+from couplet.data.vocab import UNK, Vocab
 
 _LATIN = re.compile(r"[A-Za-z0-9\uFF10-\uFF19\uFF21-\uFF3A\uFF41-\uFF5A]")
 _FULL_WIDTH = {",": "，", ";": "；", ":": "：", "?": "？", "!": "！", ".": "。"}
@@ -48,7 +48,7 @@ class Candidate:
 class MatchResult:
     upper: str  # the upper line as answered (after normalisation)
     candidates: list[Candidate]  # best first
-    constraints: list[str]  # couplet constraints enforced (see couplet.decode)
+    constraints: list[str]  # couplet constraints enforced (see couplet.decoding.decode)
     model_id: str
     relaxed: list[str] = field(default_factory=list)  # constraints dropped because nothing satisfied them
 
@@ -108,14 +108,14 @@ class Predictor:
         self.config = config if config is not None else Config()
         self.model_id = model_id
         self.device = device
-        self.lm = lm  # a couplet.lm.CharBigramLM, fused into decoding when config.decode.lm_weight > 0
+        self.lm = lm  # a couplet.decoding.lm.CharBigramLM, fused into decoding when config.decode.lm_weight > 0
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "cpu", num_threads: int | None = None) -> "Predictor":
         """Load a model dir once. `num_threads` sets torch's CPU threads (None: leave as is)."""
         import torch
 
-        from couplet.model import load_labeller
+        from couplet.modelling.model import load_labeller
 
         path = Path(model_dir)
         if not is_model_dir(path):
@@ -125,7 +125,7 @@ class Predictor:
         model, vocab, config = load_labeller(path, device=device)
         lm = None
         if config.decode.lm_weight > 0:
-            from couplet.lm import CharBigramLM
+            from couplet.decoding.lm import CharBigramLM
 
             lm_path = path / MODEL_FILES.lm
             if not lm_path.is_file():
@@ -193,7 +193,7 @@ class Predictor:
     def _result(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions) -> MatchResult:
         settings = self.config.decode
         if settings.lm_weight > 0 and self.lm is not None:
-            from couplet.beam import beam_decode
+            from couplet.decoding.beam import beam_decode
 
             res = beam_decode(upper, log_probs, self.vocab, top_k=top_k, options=options, lm=self.lm,
                               lm_weight=settings.lm_weight, beam_size=max(settings.beam_size, top_k))

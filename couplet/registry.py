@@ -29,7 +29,7 @@ promoted keeps its folder.
 Deciding again on the same (challenger, champion, metrics) adds no record and returns the earlier
 one with `status: "cached"`, so a re-run of a cached pipeline changes nothing. The champion itself
 scored again with other metrics (a new test split) stays champion and takes the new scores.
-Writers hold the `models/registry` lock (couplet.locks) and replace the file atomically.
+Writers hold the `models/registry` lock (couplet.core.locks) and replace the file atomically.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from couplet.atomic import atomic_write_json
-from couplet.catalog import MODEL_FILES, Catalog, is_model_dir
-from couplet.locks import hold_lock
+from couplet.core.atomic import atomic_write_json
+from couplet.core.catalog import MODEL_FILES, Catalog, is_model_dir
+from couplet.core.locks import hold_lock
 
 PROMOTION_METRICS = ("bleu", "exact_match", "char_accuracy", "ideograph_accuracy")  # all higher-is-better
 TIE_BREAKS = ("exact_match", "char_accuracy")
@@ -116,7 +116,7 @@ def decide_promotion(
 def test_fingerprint(build_dir: str | Path, max_eval: int | None = None) -> str:
     """16 hex digits naming the test set a model was scored on: the build's test pairs (as text,
     order-free, so the vocabulary does not change it) and `evaluate.max_eval`."""
-    from couplet.build import read_split_text
+    from couplet.data.build import read_split_text
 
     return fingerprint_pairs(*read_split_text(build_dir, "test"), max_eval=max_eval)
 

@@ -1,5 +1,5 @@
 """The couplet pipeline as Prefect flows. Only orchestration lives here; every stage is a plain
-function `run_<stage>` in `couplet/<stage>.py` that caches by content through `couplet.stage` and
+function `run_<stage>` in `couplet/<stage>.py` that caches by content through `couplet.core.stage` and
 returns a small manifest.
 
 A stage whose output already exists for its cache key ends in a Completed state named `Cached`.
@@ -24,12 +24,12 @@ from prefect.states import Completed
 from prefect.transactions import BaseTransaction
 
 from couplet import registry
-from couplet.build import run_build
-from couplet.catalog import STAGES
-from couplet.config import Config, couplet_home, load_config
-from couplet.ingest import run_ingest
-from couplet.pipeline import summarize, with_source
-from couplet.validate import ValidationFailed, run_validate
+from couplet.data.build import run_build
+from couplet.core.catalog import STAGES
+from couplet.core.config import Config, couplet_home, load_config
+from couplet.data.ingest import run_ingest
+from couplet.summary import summarize, with_source
+from couplet.data.validate import ValidationFailed, run_validate
 from flows.promote import promote_model
 
 Stage = Literal[STAGES]
@@ -54,7 +54,7 @@ class PartitionLost(RuntimeError):
 # ThreadPoolTaskRunner (runner "local": this process) or a DaskTaskRunner opened for stages 2-3
 # (runner "dask"). Partitions get their data as arguments and return results, and only the stage,
 # in this process, writes files - into its temporary folder, renamed into place when all is written
-# (couplet.stage.run_cached) - so a worker needs no shared filesystem, and a failed or late
+# (couplet.core.stage.run_cached) - so a worker needs no shared filesystem, and a failed or late
 # partition cannot leave a file behind. Task runs are named `<stage>-<partition>`, under their stage.
 
 
@@ -75,7 +75,7 @@ def _partition_run_name(stage: str, fn: Callable[..., Any], index: int, call: tu
 
 
 def _partitions_on(stage: str) -> Callable[[Callable[..., Any], list[tuple]], list[Any]]:
-    """`partitions(fn, calls)` for couplet.validate / couplet.build: one task run per call on the data
+    """`partitions(fn, calls)` for couplet.data.validate / couplet.data.build: one task run per call on the data
     stages' task runner (`data_task_runner`), results in call order; the first failure raises."""
 
     submitted = itertools.count()  # the stages hand over their partitions a window at a time: number them across windows
@@ -215,14 +215,14 @@ def build_dataset(validated: dict, config: Config, home: Path, force: bool) -> d
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(built: dict, config: Config, home: Path, force: bool) -> dict:
-    from couplet.train import run_train  # torch is imported only by runs that train (~1 s, ~170 MB)
+    from couplet.modelling.train import run_train  # torch is imported only by runs that train (~1 s, ~170 MB)
 
     return _finish(run_train(built, config, home, force=force))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(trained: dict, built: dict, config: Config, home: Path, force: bool) -> dict:
-    from couplet.evaluate import run_evaluate  # imports torch, like train
+    from couplet.evaluation.evaluate import run_evaluate  # imports torch, like train
 
     result = run_evaluate(trained, built, config, home, force=force)
     if result["status"] != "cached":

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from couplet import registry
-from couplet.config import couplet_home
+from couplet.core.config import couplet_home
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -36,8 +36,8 @@ def main() -> int:
 
     import torch
 
-    from couplet.atomic import atomic_write_json, atomic_write_text
-    from couplet.evaluate import ablation, ablation_markdown, read_pair_files
+    from couplet.core.atomic import atomic_write_json, atomic_write_text
+    from couplet.evaluation.evaluate import ablation, ablation_markdown, read_pair_files
     from couplet.predictor import InputError, ModelNotFoundError, Predictor, resolve_model_dir
 
     try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The per-character dictionary baseline (couplet.baseline) on a build's test split.
+"""The per-character dictionary baseline (couplet.evaluation.baseline) on a build's test split.
 
     COUPLET_HOME=/tmp/cpl .venv/bin/couplet run --source ../shared/datasets/poetry-couplets.tar.gz --until build --json
     .venv/bin/python scripts/bench_baseline.py --build-dir /tmp/cpl/data/processed/build/<key>
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
 
-    from couplet.baseline import DictionaryBaseline
-    from couplet.build import read_split_text
-    from couplet.catalog import PROBE_LINES
-    from couplet.evaluate import evaluate_pairs
+    from couplet.evaluation.baseline import DictionaryBaseline
+    from couplet.data.build import read_split_text
+    from couplet.core.catalog import PROBE_LINES
+    from couplet.evaluation.evaluate import evaluate_pairs
 
     started = time.perf_counter()
     baseline = DictionaryBaseline.from_build(args.build_dir)

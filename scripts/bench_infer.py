@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _seed_model_dir(tmp: Path, vocab_size: int) -> Path:
     import torch
 
-    from couplet.config import Config
-    from couplet.model import CoupletLabeller, save_labeller
-    from couplet.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
+    from couplet.core.config import Config
+    from couplet.modelling.model import CoupletLabeller, save_labeller
+    from couplet.data.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
 
     chars = [chr(0x4E00 + i) for i in range(vocab_size - 2 - 8)] + list("，。、；：？！…")
     vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *chars])
@@ -40,7 +40,7 @@ def _seed_model_dir(tmp: Path, vocab_size: int) -> Path:
 
 
 def _lines(vocab, n: int, length: int, rng: random.Random) -> list[str]:
-    from couplet.punct import is_punct
+    from couplet.data.punct import is_punct
 
     chars = [ch for ch in vocab.itos[2:] if not is_punct(ch)][:3000]  # frequent characters
     out = []
@@ -72,7 +72,7 @@ def main() -> None:
 
     import torch
 
-    from couplet.decode import DecodeOptions, decode
+    from couplet.decoding.decode import DecodeOptions, decode
     from couplet.predictor import Predictor
 
     with tempfile.TemporaryDirectory() as tmp:

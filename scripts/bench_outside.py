@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="+", help="name=model-folder")
     args = parser.parse_args(argv)
 
-    from couplet.baseline import DictionaryBaseline
-    from couplet.evaluate import evaluate_pairs, read_pair_files
+    from couplet.evaluation.baseline import DictionaryBaseline
+    from couplet.evaluation.evaluate import evaluate_pairs, read_pair_files
     from couplet.predictor import Predictor
 
     uppers, refs = read_pair_files(args.pairs / "in.txt", args.pairs / "out.txt")

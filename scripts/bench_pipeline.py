@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from couplet.punct import PUNCTUATION
+from couplet.data.punct import PUNCTUATION
 
 
 def _tree_rss(root: int) -> tuple[int, int]:

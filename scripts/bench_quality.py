@@ -75,7 +75,7 @@ def read_summary(log: Path) -> dict:
 
 
 def latency_p50_ms(predictor, repeats: int = 200) -> float:
-    from couplet.catalog import PROBE_LINES
+    from couplet.core.catalog import PROBE_LINES
 
     for line in PROBE_LINES:
         predictor.match(line)
@@ -90,9 +90,9 @@ def latency_p50_ms(predictor, repeats: int = 200) -> float:
 def choose_lm_weight(predictor, lm, build_dir: Path, weights: list[float], max_valid: int) -> tuple[float, list[dict]]:
     """The LM weight kept on the valid split: the best BLEU among weights that raise ideograph accuracy and BLEU
     together over weight 0; 0 when none does."""
-    from couplet.build import read_split_text
-    from couplet.config import replace
-    from couplet.evaluate import evaluate_pairs
+    from couplet.data.build import read_split_text
+    from couplet.core.config import replace
+    from couplet.evaluation.evaluate import evaluate_pairs
 
     uppers, refs = read_split_text(build_dir, "valid")
     uppers, refs = uppers[:max_valid], refs[:max_valid]
@@ -109,11 +109,11 @@ def choose_lm_weight(predictor, lm, build_dir: Path, weights: list[float], max_v
 
 
 def score_variant(name: str, summary: dict, args) -> list[dict]:
-    from couplet.build import read_split_text
-    from couplet.catalog import MODEL_FILES, PROBE_LINES
-    from couplet.config import replace
-    from couplet.evaluate import evaluate_pairs
-    from couplet.lm import CharBigramLM
+    from couplet.data.build import read_split_text
+    from couplet.core.catalog import MODEL_FILES, PROBE_LINES
+    from couplet.core.config import replace
+    from couplet.evaluation.evaluate import evaluate_pairs
+    from couplet.decoding.lm import CharBigramLM
     from couplet.predictor import Predictor
 
     model_dir = Path(summary["model"])

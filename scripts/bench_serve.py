@@ -49,9 +49,9 @@ def make_random_model(model_dir: Path, vocab_size: int = 6000, embed_dim: int = 
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from couplet.config import Config, replace
-    from couplet.model import CoupletLabeller, save_labeller
-    from couplet.vocab import Vocab
+    from couplet.core.config import Config, replace
+    from couplet.modelling.model import CoupletLabeller, save_labeller
+    from couplet.data.vocab import Vocab
 
     chars = list(dict.fromkeys(must_have + PUNCT))
     cp = 0x4E00

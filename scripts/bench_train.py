@@ -5,13 +5,13 @@
     .venv/bin/python scripts/bench_train.py --threads 2 --loss plain --adam loop   # the variants measured
     .venv/bin/python scripts/bench_train.py --nproc 2          # 1 process, then 2 under torchrun (DDP, gloo)
 
-Runs the trainer's own step (couplet.train.train_step) on the seed config for --warmup steps, then times
+Runs the trainer's own step (couplet.modelling.train.train_step) on the seed config for --warmup steps, then times
 --steps steps, --repeats times, and reports the best and median repeat. The machine may be shared, so
 the 1-minute load average is printed too: with 2 threads on 2 busy cores, OpenMP barriers wreck timings.
 
 --nproc N measures one process (torch's default threads, or --threads) and then N processes under torchrun,
 each a DistributedDataParallel rank taking batch_size / N rows of every global batch (as train.nproc does;
-couplet/distributed.py) with cores / N threads; tokens_per_s there counts the global batch.
+couplet/modelling/distributed.py) with cores / N threads; tokens_per_s there counts the global batch.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from couplet.config import ModelConfig  # noqa: E402
-from couplet.data import LengthBucketBatches, load_split, read_manifest  # noqa: E402
-from couplet.model import MODEL_KINDS, CoupletLabeller, build_labeller  # noqa: E402
-from couplet.train import make_optimizer, train_step  # noqa: E402
-from couplet.vocab import PAD  # noqa: E402
+from couplet.core.config import ModelConfig  # noqa: E402
+from couplet.data.batches import LengthBucketBatches, load_split, read_manifest  # noqa: E402
+from couplet.modelling.model import MODEL_KINDS, CoupletLabeller, build_labeller  # noqa: E402
+from couplet.modelling.train import make_optimizer, train_step  # noqa: E402
+from couplet.data.vocab import PAD  # noqa: E402
 
 
 def synthetic_buckets(vocab_size: int, lengths: list[int], rows: int, seed: int = 0):
@@ -83,7 +83,7 @@ def main() -> None:
     if args.ddp_worker:
         import torch.distributed as dist
 
-        from couplet.distributed import Ranks
+        from couplet.modelling.distributed import Ranks
 
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         result = measure(args, Ranks())
@@ -101,7 +101,7 @@ def compare_nproc(args) -> dict:
     """One process in this one, then args.nproc under torchrun: {"nproc_1": ..., "nproc_N": ..., "ratio": N/1}."""
     import subprocess
 
-    from couplet.distributed import check_gpus_per_node
+    from couplet.modelling.distributed import check_gpus_per_node
 
     if args.device.startswith("cuda"):
         check_gpus_per_node(args.nproc)  # before the one-process figure, not after it

@@ -43,11 +43,11 @@ def main() -> None:
     import great_expectations  # noqa: F401
 
     import_gx = time.perf_counter() - started
-    import couplet.build as build
-    import couplet.expectations as expectations
-    import couplet.validate as validate
-    from couplet.config import DataConfig
-    from couplet.ingest import run_ingest
+    import couplet.data.build as build
+    import couplet.data.expectations as expectations
+    import couplet.data.validate as validate
+    from couplet.core.config import DataConfig
+    from couplet.data.ingest import run_ingest
 
     seconds = dict.fromkeys(("check_partition", "gx_suite_add", "gx_suite_init", "gx_suite_finish",
                              "dedupe_partition", "split_partition", "shard_partition"), 0.0)

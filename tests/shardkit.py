@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from couplet.vocab import Vocab
+from couplet.data.vocab import Vocab
 
 
 def make_build_dir(

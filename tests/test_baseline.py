@@ -1,4 +1,4 @@
-"""The per-character dictionary baseline (couplet.baseline) and its place in the evaluate stage."""
+"""The per-character dictionary baseline (couplet.evaluation.baseline) and its place in the evaluate stage."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from shardkit import make_build_dir
 
-from couplet.baseline import BASELINE_ID, FLOOR, DictionaryBaseline
-from couplet.config import Config, DataConfig, EvaluateConfig, ModelConfig
-from couplet.decode import ARGMAX
-from couplet.evaluate import evaluate_pairs, run_evaluate
-from couplet.vocab import PAD, UNK
+from couplet.evaluation.baseline import BASELINE_ID, FLOOR, DictionaryBaseline
+from couplet.core.config import Config, DataConfig, EvaluateConfig, ModelConfig
+from couplet.decoding.decode import ARGMAX
+from couplet.evaluation.evaluate import evaluate_pairs, run_evaluate
+from couplet.data.vocab import PAD, UNK
 
 # 天 is aligned with 天 five times (never the answer), with 山 three times and with 地 once;
 # 海 only ever appears in lower lines; 水 is the most frequent lower character.
@@ -74,7 +74,7 @@ def test_counting_is_fast(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from couplet.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
+    from couplet.data.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
 
     rows, length, size = 240_000, 7, 8000
     Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *(chr(0x4E00 + i) for i in range(size - 2))]).save(tmp_path / "vocab.json")
@@ -96,8 +96,8 @@ def test_counting_is_fast(tmp_path):
 
 
 def test_run_evaluate_writes_the_baseline(tmp_path, build):
-    from couplet.model import CoupletLabeller, save_labeller
-    from couplet.vocab import Vocab
+    from couplet.modelling.model import CoupletLabeller, save_labeller
+    from couplet.data.vocab import Vocab
 
     vocab = Vocab.load(build / "vocab.json")
     config = Config(data=DataConfig(max_len=8), model=ModelConfig(embed_dim=16, n_blocks=1), evaluate=EvaluateConfig(n_samples=2))

@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from couplet.beam import _beam_search, beam_decode
-from couplet.decode import (
+from couplet.decoding.beam import _beam_search, beam_decode
+from couplet.decoding.decode import (
     PING,
     ZE,
     DecodeOptions,
@@ -20,10 +20,10 @@ from couplet.decode import (
     final_tone,
     plan_groups,
 )
-from couplet.lm import CharBigramLM
-from couplet.metrics import repetition_match
-from couplet.punct import is_punct
-from couplet.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
+from couplet.decoding.lm import CharBigramLM
+from couplet.evaluation.metrics import repetition_match
+from couplet.data.punct import is_punct
+from couplet.data.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
 
 PING_CHARS = "天风花春山红人云"
 ZE_CHARS = "月雨水柳树地夜草"

@@ -30,11 +30,11 @@ pytestmark = pytest.mark.skipif(
 def base_url(tmp_path_factory):
     import torch
 
-    from couplet.config import Config, ModelConfig
-    from couplet.model import CoupletLabeller, save_labeller
+    from couplet.core.config import Config, ModelConfig
+    from couplet.modelling.model import CoupletLabeller, save_labeller
     from couplet.predictor import Predictor
     from couplet.serving import create_app
-    from couplet.vocab import Vocab
+    from couplet.data.vocab import Vocab
     from servers import serve_in_thread
 
     model_dir = tmp_path_factory.mktemp("browser") / "tiny-model"

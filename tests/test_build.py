@@ -8,11 +8,11 @@ from conftest import snapshot
 from datagen import layout_files, make_pairs, write_tarball
 
 from couplet import build as build_mod
-from couplet.build import pair_hash, run_build
-from couplet.config import DataConfig
-from couplet.ingest import run_ingest
-from couplet.validate import run_validate
-from couplet.vocab import Vocab
+from couplet.data.build import pair_hash, run_build
+from couplet.core.config import DataConfig
+from couplet.data.ingest import run_ingest
+from couplet.data.validate import run_validate
+from couplet.data.vocab import Vocab
 
 
 def _prepare(tmp_path, home, train, test, name="data.tar.gz", **cfg):

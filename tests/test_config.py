@@ -1,6 +1,6 @@
 import pytest
 
-from couplet.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, replace
+from couplet.core.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, replace
 
 
 def test_overrides_are_typed():
@@ -137,7 +137,7 @@ def test_cpu_bf16_is_auto_true_or_false():
 def test_configs_seed_yaml_is_the_seed_recipe_whatever_the_defaults():
     from pathlib import Path
 
-    from couplet.config import load_config
+    from couplet.core.config import load_config
 
     seed = load_config(Path(__file__).resolve().parents[1] / "configs" / "seed.yaml")
     m, t = seed.model, seed.train

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from datagen import layout_files, make_pairs, write_tarball
 
-import couplet.validate as validate_module
-from couplet.build import run_build
-from couplet.config import DataConfig
-from couplet.ingest import run_ingest
-from couplet.validate import run_validate
+import couplet.data.validate as validate_module
+from couplet.data.build import run_build
+from couplet.core.config import DataConfig
+from couplet.data.ingest import run_ingest
+from couplet.data.validate import run_validate
 
 DASK_MODULES = ("dask", "distributed", "prefect_dask")
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from couplet.decode import (
+from couplet.decoding.decode import (
     ARGMAX,
     CONSTRAINED,
     PING,
@@ -23,9 +23,9 @@ from couplet.decode import (
     final_tone,
     plan_groups,
 )
-from couplet.metrics import repetition_match
-from couplet.punct import PUNCTUATION, is_punct
-from couplet.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
+from couplet.evaluation.metrics import repetition_match
+from couplet.data.punct import PUNCTUATION, is_punct
+from couplet.data.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
 
 PING_CHARS = "天风花春山红人云"
 ZE_CHARS = "月雨水柳树地夜草"

@@ -1,4 +1,4 @@
-"""train.nproc > 1: torchrun + DistributedDataParallel (couplet/distributed.py).
+"""train.nproc > 1: torchrun + DistributedDataParallel (couplet/modelling/distributed.py).
 
 The 2-process runs use gloo on CPU and the tiny model of tests/test_train.py; each costs ~10 s on 2 cores, most
 of it starting torchrun and its workers. Tolerances, for the same config and global batch as one process:
@@ -25,10 +25,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from couplet.checkpoint import run_fingerprint
-from couplet.config import ConfigError, apply_overrides, replace
-from couplet.distributed import DistributedTrainingError, Ranks, failure_line
-from couplet.train import train_labeller
+from couplet.modelling.checkpoint import run_fingerprint
+from couplet.core.config import ConfigError, apply_overrides, replace
+from couplet.modelling.distributed import DistributedTrainingError, Ranks, failure_line
+from couplet.modelling.train import train_labeller
 from shardkit import make_build_dir
 from test_train import PAIRS, VALID, small_config
 
@@ -105,9 +105,9 @@ def test_one_process_never_loads_couplet_distributed_nor_a_process_group(build, 
         "import sys, json; sys.path.insert(0, 'tests')\n"
         "import torch.distributed as dist\n"
         "from test_train import small_config\n"
-        "from couplet.train import train_labeller\n"
+        "from couplet.modelling.train import train_labeller\n"
         f"s = train_labeller({str(build)!r}, small_config(max_steps=3), {str(tmp_path / 'm')!r}, progress=False)\n"
-        "print(json.dumps(['couplet.distributed' in sys.modules, dist.is_initialized(), s['steps']]))\n"
+        "print(json.dumps(['couplet.modelling.distributed' in sys.modules, dist.is_initialized(), s['steps']]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout.splitlines()[-1]) == [False, False, 3]
@@ -205,10 +205,10 @@ def test_an_interrupt_stops_every_rank_and_rank_0_writes_the_last_checkpoint(bui
     config = replace(with_nproc(small_config(max_steps=100_000, lr_schedule="constant"), 2), "train", checkpoint_every=10_000)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     caller = subprocess.Popen(
-        [sys.executable, "-c", "import signal, sys; from pathlib import Path; from couplet.config import load_config; "
+        [sys.executable, "-c", "import signal, sys; from pathlib import Path; from couplet.core.config import load_config; "
          # as an interactive caller has it: a suite started as a background job (`./test.sh &`) inherits SIGINT ignored
          "signal.signal(signal.SIGINT, signal.default_int_handler); "
-         "from couplet.train import train_labeller; "
+         "from couplet.modelling.train import train_labeller; "
          "train_labeller(Path(sys.argv[1]), load_config(sys.argv[2]), Path(sys.argv[3]), progress=False)",
          str(build), str(tmp_path / "config.json"), str(tmp_path / "m")],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -240,7 +240,7 @@ def test_workers_stop_and_checkpoint_when_the_launcher_is_killed(build, tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     tag = uuid.uuid4().hex
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "couplet.distributed", "launch", "--nproc-per-node", "2", "--standalone", "--",
+        [sys.executable, "-m", "couplet.modelling.distributed", "launch", "--nproc-per-node", "2", "--standalone", "--",
          "--build-dir", str(build), "--model-dir", str(tmp_path / "m"), "--config", str(tmp_path / "config.json"), "--no-progress"],
         cwd=ROOT, env={**os.environ, "COUPLET_TEST_TAG": tag, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

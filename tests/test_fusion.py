@@ -9,14 +9,14 @@ import pytest
 import torch
 from shardkit import make_build_dir
 
-from couplet.catalog import MODEL_FILES
-from couplet.config import Config, replace
-from couplet.evaluate import run_evaluate
-from couplet.lm import CharBigramLM
-from couplet.model import build_labeller, load_labeller, save_labeller
+from couplet.core.catalog import MODEL_FILES
+from couplet.core.config import Config, replace
+from couplet.evaluation.evaluate import run_evaluate
+from couplet.decoding.lm import CharBigramLM
+from couplet.modelling.model import build_labeller, load_labeller, save_labeller
 from couplet.predictor import Predictor
-from couplet.train import fit_lower_line_lm
-from couplet.vocab import Vocab
+from couplet.modelling.train import fit_lower_line_lm
+from couplet.data.vocab import Vocab
 
 TRAIN = [("晚风摇树", "晨露润花"), ("春来江水", "秋至海山"), ("山高月小", "水落石出"), ("一帆风顺", "万事如意")] * 3
 TEST = [("春来风顺", "月小风清"), ("春风得意", "秋水无痕")]

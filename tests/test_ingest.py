@@ -11,9 +11,9 @@ import pytest
 from conftest import snapshot
 from datagen import layout_files, make_pairs, write_dataset_dir, write_dataset_tarball, write_tarball
 
-from couplet.config import DataConfig
-from couplet.ingest import parse_pairs, run_ingest
-from couplet.raw import IngestError, fetch_raw
+from couplet.core.config import DataConfig
+from couplet.data.ingest import parse_pairs, run_ingest
+from couplet.data.raw import IngestError, fetch_raw
 
 
 def cfg(source, **kw) -> DataConfig:
@@ -141,7 +141,7 @@ def test_unreachable_source_errors_say_how_to_use_a_local_copy(home, http_root, 
             raise exc
 
         monkeypatch.setattr(requests, "get", refuse)
-        monkeypatch.setattr("couplet.raw.time.sleep", lambda s: None)
+        monkeypatch.setattr("couplet.data.raw.time.sleep", lambda s: None)
         with pytest.raises(IngestError, match=needle) as info:
             run_ingest(cfg(url), home)
         _says_how_to_use_a_local_copy(str(info.value), url)
@@ -231,7 +231,7 @@ def test_fetch_raw_same_bytes_twice_no_extraction(tmp_path, home):
 def test_parsing_in_small_batches_gives_the_same_file_and_the_same_errors(tmp_path, monkeypatch):
     """Parsing streams (blocks of bytes, batches of lines): tiny blocks and batches write the same bytes, and
     errors come in the order of reading each file whole (in.txt's UTF-8, out.txt's UTF-8, then line counts)."""
-    import couplet.ingest as ingest_module
+    import couplet.data.ingest as ingest_module
 
     layout = write_dataset_dir(tmp_path / "src", make_pairs(50), make_pairs(7, seed=9))
     ingest_module.write_pairs(layout, tmp_path / "whole.parquet")
@@ -270,7 +270,7 @@ def test_a_local_source_that_is_gone_is_read_from_the_homes_raw_copy(tmp_path, h
     run_ingest(cfg(older), home)  # another source's copy in the same raw layer must not be picked
     source.unlink()
     before = snapshot(home / "data")
-    with caplog.at_level("WARNING", logger="couplet.raw"):
+    with caplog.at_level("WARNING", logger="couplet.data.raw"):
         again = run_ingest(cfg(source), home)
     assert again["status"] == "cached" and again["key"] == first["key"]
     assert any(f"source not found: {source}; using the copy this home ingested" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""The speed kernels of couplet/kernels.py, each held to the stock PyTorch expression it replaces."""
+"""The speed kernels of couplet/modelling/kernels.py, each held to the stock PyTorch expression it replaces."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from couplet.kernels import conv1d_same_as_matmul, fused_linear_cross_entropy
-from couplet.model import GatedConvBlock
-from couplet.vocab import PAD
+from couplet.modelling.kernels import conv1d_same_as_matmul, fused_linear_cross_entropy
+from couplet.modelling.model import GatedConvBlock
+from couplet.data.vocab import PAD
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

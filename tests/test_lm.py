@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from couplet.lm import CharBigramLM
-from couplet.vocab import PAD, PAD_TOKEN, UNK, UNK_TOKEN, Vocab
+from couplet.decoding.lm import CharBigramLM
+from couplet.data.vocab import PAD, PAD_TOKEN, UNK, UNK_TOKEN, Vocab
 
 VOCAB = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月雨水山云，。"])
 LINES = ["天风花月", "山水云", "花月天风", "月，雨水", "天风雨X", "X山 水"]  # X is outside the vocabulary

@@ -1,4 +1,4 @@
-"""Inter-process locks (couplet.locks)."""
+"""Inter-process locks (couplet.core.locks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from couplet.locks import LockTimeout, hold_lock, lock_path
+from couplet.core.locks import LockTimeout, hold_lock, lock_path
 
 
 def test_lock_path_is_under_home_and_flat(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import sacrebleu
 
-from couplet.metrics import (
+from couplet.evaluation.metrics import (
     compute_metrics,
     copies,
     corpus_bleu,
@@ -117,8 +117,8 @@ def test_ideograph_accuracy_ignores_punctuation_positions():
 
 
 def test_is_ideograph_shares_the_validation_ranges():
-    from couplet import validate
-    from couplet.punct import CJK_RANGES, is_ideograph
+    from couplet.data import validate
+    from couplet.data.punct import CJK_RANGES, is_ideograph
 
     assert validate.CJK_RANGES is CJK_RANGES
     assert is_ideograph("春") and is_ideograph("\U00020000") and is_ideograph("\u3400")

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from couplet.config import Config, ModelConfig
-from couplet.model import CoupletLabeller, GatedConvBlock, load_labeller, save_labeller
-from couplet.vocab import PAD, UNK, Vocab
+from couplet.core.config import Config, ModelConfig
+from couplet.modelling.model import CoupletLabeller, GatedConvBlock, load_labeller, save_labeller
+from couplet.data.vocab import PAD, UNK, Vocab
 
 SMALL = ModelConfig(kind="gated_cnn", embed_dim=32, n_blocks=2)
 PAIRS = [("晚风摇树树还挺", "晨露润花花更红"), ("今天天气不错", "明日风光更佳"), ("鱼跃此时海", "花开彼岸天"), ("只有香如故", "何须色更新")]
@@ -194,7 +194,7 @@ def test_damaged_weights_are_a_one_line_error_naming_the_file(tmp_path):
 
 
 def test_refine_kind_labels_every_position_and_its_eval_loss_is_the_final_pass():
-    from couplet.model import RefiningLabeller, build_labeller
+    from couplet.modelling.model import RefiningLabeller, build_labeller
 
     torch.manual_seed(0)
     model = build_labeller(50, SMALL.model_copy(update={"kind": "refine", "refine_blocks": 2}))
@@ -215,7 +215,7 @@ def test_refine_kind_labels_every_position_and_its_eval_loss_is_the_final_pass()
 
 
 def test_refine_pad_positions_do_not_leak():
-    from couplet.model import build_labeller
+    from couplet.modelling.model import build_labeller
 
     torch.manual_seed(0)
     model = build_labeller(50, SMALL.model_copy(update={"kind": "refine"})).eval()
@@ -226,7 +226,7 @@ def test_refine_pad_positions_do_not_leak():
 
 
 def test_attention_kind_sees_the_whole_line_and_pad_does_not_leak():
-    from couplet.model import AttentionLabeller, build_labeller
+    from couplet.modelling.model import AttentionLabeller, build_labeller
 
     torch.manual_seed(0)
     model = build_labeller(50, SMALL.model_copy(update={"kind": "attention", "attn_layers": 2})).eval()
@@ -245,7 +245,7 @@ def test_attention_kind_sees_the_whole_line_and_pad_does_not_leak():
 
 
 def test_attention_heads_must_divide_the_width():
-    from couplet.config import ConfigError, apply_overrides
+    from couplet.core.config import ConfigError, apply_overrides
 
     with pytest.raises(ConfigError, match=r"^model: model\.attn_heads \(3\) must divide model\.embed_dim \(128\)$"):
         apply_overrides(Config(), ["model.kind=attention", "model.attn_heads=3"])
@@ -260,8 +260,8 @@ def test_a_folder_records_the_kind_of_its_weights(tmp_path):
 
 
 def test_each_kind_saves_and_loads_with_its_kind(tmp_path):
-    from couplet.config import replace
-    from couplet.model import MODEL_KINDS, build_labeller
+    from couplet.core.config import replace
+    from couplet.modelling.model import MODEL_KINDS, build_labeller
 
     vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
     ids = torch.tensor([vocab.encode(PAIRS[0][0])])
@@ -289,7 +289,7 @@ def test_a_folder_without_kind_or_lm_weight_keeps_the_former_defaults(tmp_path):
 
 
 def test_unknown_kind_is_a_one_line_config_error():
-    from couplet.config import ConfigError, apply_overrides
+    from couplet.core.config import ConfigError, apply_overrides
 
     with pytest.raises(ConfigError, match=r"^model\.kind: .*gated_cnn.*refine"):
         apply_overrides(Config(), ["model.kind=lstm"])

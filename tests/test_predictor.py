@@ -11,16 +11,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from couplet.config import Config, DataConfig, ModelConfig
-from couplet.decode import ARGMAX
-from couplet.evaluate import (
+from couplet.core.config import Config, DataConfig, ModelConfig
+from couplet.decoding.decode import ARGMAX
+from couplet.evaluation.evaluate import (
     ABLATION_VARIANTS,
     ablation,
     ablation_markdown,
     evaluate_pairs,
     read_pair_files,
 )
-from couplet.metrics import repetition_match
+from couplet.evaluation.metrics import repetition_match
 from couplet.predictor import (
     InputError,
     ModelNotFoundError,
@@ -28,14 +28,14 @@ from couplet.predictor import (
     resolve_model_dir,
 )
 from couplet.serving.schemas import match_payload
-from couplet.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
+from couplet.data.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
 
 CHARS = "春风得意马蹄疾秋月扬辉犬吠声海阔凭鱼跃天高任鸟飞山水明清云雨花红柳绿日新年好万事如步"
 MAX_LEN = 12
 
 
 def _save_tiny_model(model_dir: Path, seed: int = 0) -> Path:
-    from couplet.model import CoupletLabeller, save_labeller
+    from couplet.modelling.model import CoupletLabeller, save_labeller
 
     vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *dict.fromkeys(CHARS), "，", "。"])
     config = Config(data=DataConfig(max_len=MAX_LEN), model=ModelConfig(embed_dim=16, n_blocks=2))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datagen import write_dataset_tarball
 
-from couplet.catalog import Catalog
+from couplet.core.catalog import Catalog
 
 
 # --------------------------------------------------------------------------- Catalog.relative / resolve
@@ -79,7 +79,7 @@ def test_resolved_turns_the_named_fields_into_paths_under_the_home(tmp_path):
 def test_old_absolute_records_of_a_moved_home_are_read(tmp_path):
     """A report index and a registry written by an older version, in a home restored elsewhere."""
     from couplet.registry import force_promote, read_registry
-    from couplet.validate import latest_report
+    from couplet.data.validate import latest_report
 
     old, home = tmp_path / "gone", tmp_path / "restored"
     catalog = Catalog(home)

@@ -16,13 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from couplet.config import Config, ModelConfig
-from couplet.model import CoupletLabeller, save_labeller
+from couplet.core.config import Config, ModelConfig
+from couplet.modelling.model import CoupletLabeller, save_labeller
 from couplet.predictor import Predictor
 from couplet.serving import create_app
 from couplet.serving.body_guard import MAX_BODY_BYTES, BodyGuard
 from couplet.serving.schemas import TOP_K_MAX, MatchResponse, match_payload
-from couplet.vocab import Vocab
+from couplet.data.vocab import Vocab
 from procs import descendants as _descendants
 from servers import serve_in_thread
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import couplet
-from couplet.catalog import STAGES
-from couplet.stage import code_version, damaged_output, module_closure, run_cached
+from couplet.core.catalog import STAGES
+from couplet.core.stage import code_version, damaged_output, module_closure, run_cached
 
 PACKAGE = Path(couplet.__file__).resolve().parent
 
@@ -42,40 +42,40 @@ def test_copy_has_the_same_versions_as_the_package(package_copy):
 
 def test_editing_the_model_invalidates_train_and_evaluate_only(package_copy):
     before = versions(package_copy)
-    edit(package_copy / "model.py", "class GatedConvBlock", "GATE_SCALE = 2.0\n\n\nclass GatedConvBlock")
+    edit(package_copy / "modelling" / "model.py", "class GatedConvBlock", "GATE_SCALE = 2.0\n\n\nclass GatedConvBlock")
     assert changed(before, versions(package_copy)) == {"train", "evaluate"}
 
 
 def test_editing_the_decoder_invalidates_evaluate_only(package_copy):
     before = versions(package_copy)
-    edit(package_copy / "decode.py", "from __future__ import annotations", "from __future__ import annotations\nBEAM = 4")
+    edit(package_copy / "decoding" / "decode.py", "from __future__ import annotations", "from __future__ import annotations\nBEAM = 4")
     assert changed(before, versions(package_copy)) == {"evaluate"}
 
 
 def test_editing_a_validation_rule_invalidates_validate(package_copy):
     before = versions(package_copy)
-    edit(package_copy / "validate.py", '"up_differs_from_down")', '"up_differs_from_down", "extra_rule")')
+    edit(package_copy / "data" / "validate.py", '"up_differs_from_down")', '"up_differs_from_down", "extra_rule")')
     # build and train do not run validate.py: their keys change through the validate key they hash
     assert changed(before, versions(package_copy)) == {"validate"}
 
 
 def test_editing_the_trainer_invalidates_train(package_copy):
     before = versions(package_copy)
-    edit(package_copy / "train.py", "def train_labeller(", "def _unused():\n    return 1\n\n\ndef train_labeller(")
+    edit(package_copy / "modelling" / "train.py", "def train_labeller(", "def _unused():\n    return 1\n\n\ndef train_labeller(")
     assert changed(before, versions(package_copy)) == {"train"}
 
 
 def test_comments_and_blank_lines_do_not_count(package_copy):
     before = versions(package_copy)
-    edit(package_copy / "model.py", "class GatedConvBlock", "# a note for readers\n\n\nclass GatedConvBlock")
-    edit(package_copy / "ingest.py", "def run_ingest(", "# why: nothing\ndef run_ingest(")
+    edit(package_copy / "modelling" / "model.py", "class GatedConvBlock", "# a note for readers\n\n\nclass GatedConvBlock")
+    edit(package_copy / "data" / "ingest.py", "def run_ingest(", "# why: nothing\ndef run_ingest(")
     assert versions(package_copy) == before
 
 
 def test_closure_follows_imports_inside_functions(package_copy):
-    edit(package_copy / "ingest.py", "def run_ingest(", "def _lazy():\n    from couplet import decode  # noqa\n\n\ndef run_ingest(")
-    assert "couplet.decode" in module_closure("couplet.ingest", package_copy)
-    assert "couplet.decode" not in module_closure("couplet.ingest", PACKAGE)
+    edit(package_copy / "data" / "ingest.py", "def run_ingest(", "def _lazy():\n    from couplet.decoding import decode  # noqa\n\n\ndef run_ingest(")
+    assert "couplet.decoding.decode" in module_closure("couplet.data.ingest", package_copy)
+    assert "couplet.decoding.decode" not in module_closure("couplet.data.ingest", PACKAGE)
 
 
 # --------------------------------------------------------------------------- run_cached
@@ -161,7 +161,7 @@ def test_manifest_without_hashes_still_reuses(tmp_path):
 def test_disk_full_is_one_line_and_leaves_the_cached_version(tmp_path):
     import errno
 
-    from couplet.stage import DiskFull
+    from couplet.core.stage import DiskFull
 
     out = tmp_path / "data" / "processed" / "build" / "k"
     run_cached("build", "k", out, _producer([]))

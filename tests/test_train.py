@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from couplet.catalog import PROBE_LINES as PROBES
-from couplet.config import Config, replace
-from couplet.data import LengthBucketBatches, load_split
-from couplet.model import load_labeller
-from couplet.train import TrainingInterrupted, argmax_lines, train_labeller
+from couplet.core.catalog import PROBE_LINES as PROBES
+from couplet.core.config import Config, replace
+from couplet.data.batches import LengthBucketBatches, load_split
+from couplet.modelling.model import load_labeller
+from couplet.modelling.train import TrainingInterrupted, argmax_lines, train_labeller
 from shardkit import make_build_dir
 
 PAIRS = [
@@ -140,7 +140,7 @@ def test_unusable_checkpoint_is_ignored_with_a_notice(build, tmp_path, caplog):
     ckpt = tmp_path / "m" / "checkpoints" / "last.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"not a checkpoint")
-    with caplog.at_level(logging.WARNING, logger="couplet.train"):
+    with caplog.at_level(logging.WARNING, logger="couplet.modelling.train"):
         summary = train_labeller(build, config, tmp_path / "m", progress=False)
     assert summary["resumed_from"] is None and summary["steps"] == 6
     assert f"ignoring {ckpt}: cannot read it" in caplog.text and len(caplog.records) == 1
@@ -151,7 +151,7 @@ def test_unusable_checkpoint_is_ignored_with_a_notice(build, tmp_path, caplog):
     other.parent.mkdir(parents=True)
     torch.save(last, other)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="couplet.train"):
+    with caplog.at_level(logging.WARNING, logger="couplet.modelling.train"):
         summary = train_labeller(build, config, tmp_path / "n", progress=False)
     assert summary["resumed_from"] is None and summary["steps"] == 6
     assert f"ignoring {other}: cannot resume from it" in caplog.text and len(caplog.records) == 1
@@ -188,7 +188,7 @@ def test_cli_prints_library_notices_as_plain_lines(capfd):
     try:
         _console_notices()
         _console_notices()  # a second call adds no second handler
-        logging.getLogger("couplet.train").info("resuming from %s at step %d", "last.pt", 40)
+        logging.getLogger("couplet.modelling.train").info("resuming from %s at step %d", "last.pt", 40)
         assert capfd.readouterr().err == "resuming from last.pt at step 40\n"
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
@@ -197,12 +197,12 @@ def test_cli_prints_library_notices_as_plain_lines(capfd):
 def test_cpu_bf16_auto_follows_the_cpu_and_forcing_it_warns(monkeypatch, caplog):
     import logging
 
-    import couplet.train as train_mod
+    import couplet.modelling.train as train_mod
 
     monkeypatch.setattr(train_mod, "native_cpu_bf16", lambda: False)
     assert train_mod.resolve_cpu_bf16("auto") is False and train_mod.resolve_cpu_bf16(False) is False
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="couplet.train"):
+    with caplog.at_level(logging.WARNING, logger="couplet.modelling.train"):
         assert train_mod.resolve_cpu_bf16(True) is True
     (record,) = caplog.records
     assert "without native bf16" in record.getMessage() and "x slower than fp32" in record.getMessage()
@@ -214,7 +214,7 @@ def test_cpu_bf16_auto_follows_the_cpu_and_forcing_it_warns(monkeypatch, caplog)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    from couplet.train import lr_factor
+    from couplet.modelling.train import lr_factor
 
     tc = replace(Config(), "train", lr_schedule="cosine", warmup_steps=10).train
     factors = [lr_factor(tc, step, 110, 0.0) for step in range(111)]
@@ -227,7 +227,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_warmup_is_at_most_a_tenth_of_a_short_run():
-    from couplet.train import lr_factor
+    from couplet.modelling.train import lr_factor
 
     tc = replace(Config(), "train", lr_schedule="cosine", warmup_steps=500).train
     assert lr_factor(tc, 0, 40, 0.0) == pytest.approx(0.25) and lr_factor(tc, 3, 40, 0.0) == pytest.approx(1.0)
@@ -235,7 +235,7 @@ def test_warmup_is_at_most_a_tenth_of_a_short_run():
 
 
 def test_ema_decay_warms_up_to_its_setting():
-    from couplet.train import ema_update
+    from couplet.modelling.train import ema_update
 
     update, current = ema_update(0.999), [torch.ones(2)]
     early = [torch.zeros(2)]
@@ -274,7 +274,7 @@ def test_ema_weights_are_what_is_saved(build, tmp_path):
 
 
 def test_max_minutes_ends_training_early_and_keeps_a_model(build, tmp_path, monkeypatch):
-    import couplet.train as train_module
+    import couplet.modelling.train as train_module
 
     clock = iter(range(0, 10**6, 30))  # every perf_counter call: 30 s later
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))

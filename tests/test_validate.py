@@ -7,9 +7,9 @@ import pytest
 from conftest import snapshot
 from datagen import layout_files, make_pairs, write_tarball
 
-from couplet.config import DataConfig
-from couplet.ingest import run_ingest
-from couplet.validate import RULES, ValidationFailed, add_rule_columns, latest_report, rule_failures, run_validate
+from couplet.core.config import DataConfig
+from couplet.data.ingest import run_ingest
+from couplet.data.validate import RULES, ValidationFailed, add_rule_columns, latest_report, rule_failures, run_validate
 
 ROWS = [
     ("春风入户", "秋月临窗", []),
@@ -87,7 +87,7 @@ def test_chunked_validation_gives_the_whole_batch_result(tmp_path, monkeypatch):
     """Chunks of 7 rows (the GX suite run per chunk, its results merged) and one chunk: the same counts,
     duplicate rate, GX verdicts and files, for a batch that passes and one that fails; one stored GX result
     and one Data Docs page per run either way."""
-    import couplet.validate as validate_module
+    import couplet.data.validate as validate_module
 
     rows = make_pairs(60, seed=5) + make_pairs(10, seed=5) + [(u, d) for u, d, rules in ROWS if rules]
     misaligned = [(u, d[:-1]) for u, d in make_pairs(6, seed=9)]  # equal_length: 6 of 86 rows, over 5%

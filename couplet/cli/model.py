@@ -102,7 +102,7 @@ def _answer_stream(predictor, chunks: Iterator[list[str]], top_k: int, constrain
 
 
 def _interactive(predictor, top_k: int, constrained: bool, tone: bool, as_json: bool) -> None:
-    from couplet.config import couplet_home
+    from couplet.core.config import couplet_home
     from couplet.predictor import InputError
 
     history = couplet_home() / ".couplet_history"
@@ -232,8 +232,8 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N pairs only."),
 ) -> None:
     """Score a model on a pair of files: accuracy, character BLEU and couplet-structure rates."""
-    from couplet.atomic import atomic_write_text
-    from couplet.evaluate import evaluate_pairs, read_pair_files
+    from couplet.core.atomic import atomic_write_text
+    from couplet.evaluation.evaluate import evaluate_pairs, read_pair_files
 
     try:
         uppers, references = read_pair_files(in_path, out_path)

@@ -13,9 +13,9 @@ from typing import Optional
 
 import typer
 
-from couplet.catalog import STAGES
+from couplet.core.catalog import STAGES
 from couplet.cli import app, fail
-from couplet.config import ConfigError, couplet_home, load_config
+from couplet.core.config import ConfigError, couplet_home, load_config
 
 
 def _prefect_defaults(home: Path, verbose: bool) -> None:
@@ -92,7 +92,7 @@ def _stop_on_signals() -> None:
     """SIGINT and SIGTERM stop the run at once with a one-line message and exit 128 + the signal.
 
     While a flow runs, Prefect's own SIGTERM handler raises `TerminationSignal` first and calls this
-    handler after recording the crash; training catches either to write a last checkpoint (couplet/train.py).
+    handler after recording the crash; training catches either to write a last checkpoint (couplet/modelling/train.py).
     """
 
     def on_signal(signum: int, frame) -> None:
@@ -174,7 +174,7 @@ def _report(state, as_json: bool) -> None:
             typer.echo(f"report  {summary['report']}")
         if summary.get("model"):
             typer.echo(f"model   {summary['model']}")
-        from couplet.pipeline import metrics_line
+        from couplet.summary import metrics_line
 
         line = metrics_line(summary)  # flags a model that does not beat the dictionary baseline
         if line:
@@ -187,7 +187,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the index entry as JSON."),
 ) -> None:
     """Print where the latest (or a given run's) data-quality report is."""
-    from couplet.validate import latest_report
+    from couplet.data.validate import latest_report
 
     entry = latest_report(couplet_home(), run_id)
     if entry is None:

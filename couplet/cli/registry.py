@@ -19,7 +19,7 @@ app.add_typer(champion, name="champion")
 @champion.command("show")
 def show() -> None:
     """Print the champion with its test metrics, and the last 10 promotion decisions."""
-    from couplet.config import couplet_home
+    from couplet.core.config import couplet_home
     from couplet.registry import RegistryError, read_registry
 
     try:
@@ -38,7 +38,7 @@ def set_champion(
     reason: str = typer.Option("promoted by hand", "--reason", help="Recorded with the decision in registry.json."),
 ) -> None:
     """Make a model champion regardless of the promotion rule (e.g. one scored on a new test split)."""
-    from couplet.config import couplet_home
+    from couplet.core.config import couplet_home
     from couplet.registry import RegistryError, force_promote
 
     if not force:

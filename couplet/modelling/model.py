@@ -3,7 +3,7 @@
 Su Jianlin (2019), "基于CNN和序列标注的对联机器人": both lines of a couplet have the same length, so generating
 the lower line is sequence labelling. Embedding (128) -> dropout 0.25 -> 6 residual gated conv blocks -> a
 per-position softmax over the vocabulary. The model and its files live here, nanoGPT style; the two speed
-kernels it calls (fused output layer + loss, small-input convolution) are in couplet/kernels.py.
+kernels it calls (fused output layer + loss, small-input convolution) are in couplet/modelling/kernels.py.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from couplet.atomic import atomic_path, atomic_write_json
-from couplet.catalog import MODEL_FILES
-from couplet.config import Config, ModelConfig, config_from_dict
-from couplet.kernels import (
+from couplet.core.atomic import atomic_path, atomic_write_json
+from couplet.core.catalog import MODEL_FILES
+from couplet.core.config import Config, ModelConfig, config_from_dict
+from couplet.modelling.kernels import (
     SMALL_INFERENCE_POSITIONS,
     conv1d_same_as_matmul,
     fused_linear_cross_entropy,
 )
-from couplet.vocab import PAD, Vocab
+from couplet.data.vocab import PAD, Vocab
 
 
 class GatedConvBlock(nn.Module):
@@ -89,7 +89,7 @@ class CoupletLabeller(nn.Module):
         """ids (B, L) int64 -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean loss over non-PAD).
 
         With targets the logits are not materialised for the caller: on CPU the loss is fused with the
-        output layer (see couplet.kernels.fused_linear_cross_entropy). Call without targets, or use log_probs, for logits.
+        output layer (see couplet.modelling.kernels.fused_linear_cross_entropy). Call without targets, or use log_probs, for logits.
         """
         x = self.features(ids)  # (B, L, d)
         if targets is None:

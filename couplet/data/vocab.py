@@ -60,7 +60,7 @@ class Vocab:
         return {"version": 1, "min_count": self.min_count, "size": len(self.itos), "itos": self.itos, "counts": self.counts}
 
     def save(self, path: str | Path) -> None:
-        from couplet.atomic import atomic_write_text
+        from couplet.core.atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), ensure_ascii=False))
 

@@ -51,7 +51,7 @@ def create_file(path: Path):
     """A new, empty file opened for appending, as a Python file object.
 
     Writers get Python file objects rather than paths, so that a full disk raises OSError with its errno
-    (ENOSPC), which `couplet.stage.run_cached` turns into its one-line error.
+    (ENOSPC), which `couplet.core.stage.run_cached` turns into its one-line error.
     """
     path = Path(path)
     path.write_bytes(b"")

@@ -1,4 +1,4 @@
-"""Stage 1 — ingest: fetch the couplet dataset into the immutable raw layer (couplet/raw.py) and
+"""Stage 1 — ingest: fetch the couplet dataset into the immutable raw layer (couplet/data/raw.py) and
 parse it. The parsed pairs go to `data/processed/ingest/<key>/pairs.parquet` with columns `split`,
 `line_no`, `up`, `down`.
 """
@@ -12,11 +12,11 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from couplet.catalog import Catalog
-from couplet.config import DataConfig
-from couplet.raw import SPLITS, IngestError, fetch_raw
-from couplet.stage import run_cached, stage_key
-from couplet.streaming import RowGroupWriter
+from couplet.core.catalog import Catalog
+from couplet.core.config import DataConfig
+from couplet.data.raw import SPLITS, IngestError, fetch_raw
+from couplet.core.stage import run_cached, stage_key
+from couplet.data.streaming import RowGroupWriter
 
 # Separators the raw files put between characters (and stray ones we tolerate): ASCII space, tab,
 # ideographic space, and a BOM that some editors leave at the start of a file.

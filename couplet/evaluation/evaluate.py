@@ -3,12 +3,12 @@
 - `read_pair_files(in_path, out_path)`: the dataset's format (one half-line per line, characters
   separated by spaces, a trailing space; a BOM and CRLF line ends are tolerated).
 - `evaluate_pairs(predictor, uppers, references)`: decode every upper line (batched) and score the
-  predictions with `couplet.metrics.compute_metrics`.
+  predictions with `couplet.evaluation.metrics.compute_metrics`.
 - `ablation(predictor, uppers, references)`: the same metrics for each decoding variant, from the
   seed's argmax to every couplet constraint (each model call is shared by all variants).
 - `run_evaluate(trained, built, config, home)`: stage 5, the test split of a build scored with the
   trained model into the model folder (`metrics.json` "test", `samples.md`, `evaluation.json`),
-  beside the dictionary baseline of the build's train split (couplet.baseline), scored on the same
+  beside the dictionary baseline of the build's train split (couplet.evaluation.baseline), scored on the same
   pairs with the same decoding: `metrics.json` "test_baseline", a column of `samples.md`, and
   `baseline_ideograph_accuracy` / `beats_baseline` in the test metrics (what promotion reads).
 
@@ -24,17 +24,17 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from couplet.atomic import atomic_write_json, atomic_write_text, read_json
-from couplet.baseline import DictionaryBaseline
-from couplet.build import read_split_text
-from couplet.catalog import MODEL_FILES, PROBE_LINES, Catalog
-from couplet.config import Config
-from couplet.decode import ARGMAX, DecodeOptions, decode
-from couplet.locks import hold_lock
-from couplet.metrics import compute_metrics
+from couplet.core.atomic import atomic_write_json, atomic_write_text, read_json
+from couplet.evaluation.baseline import DictionaryBaseline
+from couplet.data.build import read_split_text
+from couplet.core.catalog import MODEL_FILES, PROBE_LINES, Catalog
+from couplet.core.config import Config
+from couplet.decoding.decode import ARGMAX, DecodeOptions, decode
+from couplet.core.locks import hold_lock
+from couplet.evaluation.metrics import compute_metrics
 from couplet.predictor import InputError, Predictor
 from couplet.registry import fingerprint_pairs
-from couplet.stage import run_cached, stage_key
+from couplet.core.stage import run_cached, stage_key
 
 # The decoding-ablation rows: each constraint alone on top of the seed's argmax, then combined.
 ABLATION_VARIANTS: list[tuple[str, DecodeOptions]] = [

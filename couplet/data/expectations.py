@@ -1,4 +1,4 @@
-"""The Great Expectations side of stage 2: the versioned suite `couplet/suites/couplet_pairs.json`
+"""The Great Expectations side of stage 2: the versioned suite `couplet/data/suites/couplet_pairs.json`
 run as a checkpoint in the file context under `reports/gx/`, which also builds the Data Docs.
 """
 
@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from couplet.catalog import Catalog
+from couplet.core.catalog import Catalog
 
 SUITE_PATH = Path(__file__).parent / "suites" / "couplet_pairs.json"
 

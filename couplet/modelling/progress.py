@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from couplet.atomic import atomic_path, atomic_write_text
-from couplet.model import CoupletLabeller
-from couplet.vocab import PAD, UNK, Vocab
+from couplet.core.atomic import atomic_path, atomic_write_text
+from couplet.modelling.model import CoupletLabeller
+from couplet.data.vocab import PAD, UNK, Vocab
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from couplet.catalog import Catalog
+from couplet.core.catalog import Catalog
 
 DEFAULT_TIMEOUT_S = 600.0
 

@@ -1,7 +1,7 @@
 """Beam search over positions with a lower-line LM fused in (shallow fusion), under the couplet constraints.
 
-`couplet.decode.decode` is exact because a line's score splits into independent per-group terms. A
-character bigram LM (`couplet.lm.CharBigramLM`) couples neighbouring positions, so `beam_decode` searches
+`couplet.decoding.decode.decode` is exact because a line's score splits into independent per-group terms. A
+character bigram LM (`couplet.decoding.lm.CharBigramLM`) couples neighbouring positions, so `beam_decode` searches
 left to right instead, ranking hypotheses by
 
     score = model log-prob + lm_weight · LM log-prob.
@@ -12,7 +12,7 @@ positions are filled: PAD/UNK never; `punctuation` copies the mark (also one mis
 vocabulary) and keeps marks elsewhere out; `no_copy`; `repetition` (a group's later positions are forced
 to its character; a new group's character differs from every other group's); `tone` (the final
 position's group allows only 平 characters when the upper line ends 仄). The groups and their masked score
-rows come from `couplet.decode.plan_groups`, the setup `decode` uses (summed in float64 here). A group's
+rows come from `couplet.decoding.decode.plan_groups`, the setup `decode` uses (summed in float64 here). A group's
 model log-prob for ALL its positions is added when its character is chosen, so the model part is exact
 from then on; the LM part accrues position by position.
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from couplet.decode import (
+from couplet.decoding.decode import (
     CONSTRAINED,
     DecodeOptions,
     DecodeResult,
@@ -40,8 +40,8 @@ from couplet.decode import (
     plan_groups,
     search_relaxing,
 )
-from couplet.lm import CharBigramLM
-from couplet.vocab import UNK, Vocab
+from couplet.decoding.lm import CharBigramLM
+from couplet.data.vocab import UNK, Vocab
 
 __all__ = ["beam_decode", "fused_score"]
 

@@ -22,16 +22,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-from couplet.atomic import atomic_directory, atomic_write_json, read_json
-from couplet.catalog import Catalog
-from couplet.config import DataConfig
-from couplet.locks import hold_lock
-from couplet.stage import code_version
+from couplet.core.atomic import atomic_directory, atomic_write_json, read_json
+from couplet.core.catalog import Catalog
+from couplet.core.config import DataConfig
+from couplet.core.locks import hold_lock
+from couplet.core.stage import code_version
 
 SPLITS = ("train", "test")
 LAYOUT_FILES = tuple(f"{split}/{side}.txt" for split in SPLITS for side in ("in", "out"))
 CHUNK = 1 << 20
-log = logging.getLogger("couplet.raw")
+log = logging.getLogger("couplet.data.raw")
 
 
 class IngestError(RuntimeError):

@@ -1,5 +1,5 @@
 """Speed kernels for the labeller: each computes exactly what a stock PyTorch expression computes, only faster
-on the shapes this model meets. couplet/model.py decides when to use them; tests/test_kernels.py holds each
+on the shapes this model meets. couplet/modelling/model.py decides when to use them; tests/test_kernels.py holds each
 one to its stock equivalent.
 
 - `fused_linear_cross_entropy`: the output layer and the loss in one autograd Function (CPU training).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from couplet.vocab import PAD
+from couplet.data.vocab import PAD
 
 SMALL_INFERENCE_POSITIONS = 512  # up to this many positions (B*L), inference convolves by matmul
 

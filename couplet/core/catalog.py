@@ -23,6 +23,9 @@ from typing import Iterable
 from urllib.parse import unquote, urlparse
 
 STAGES = ("ingest", "validate", "build", "train", "evaluate")
+# The module that runs each stage, under couplet/: its syntax tree and its imports' are the stage's code version.
+STAGE_MODULES = {"ingest": "data.ingest", "validate": "data.validate", "build": "data.build",
+                 "train": "modelling.train", "evaluate": "evaluation.evaluate"}
 DATA_STAGES = ("ingest", "validate", "build")  # their outputs go to data/processed/<stage>/<key>/
 PROBE_LINES = ("晚风摇树树还挺", "今天天气不错", "鱼跃此时海", "只有香如故")  # the seed article's four probes, shown after training
 # Where the layout under a home begins: an absolute path recorded under a home that is gone is re-anchored
@@ -42,7 +45,7 @@ class ModelFiles:
     metrics: str = "metrics.json"  # training curve and summary; evaluate adds "test"
     samples: str = "samples.md"  # probe outputs during training; evaluate adds its samples
     curve: str = "curve.png"
-    lm: str = "lm.npz"  # the lower-line bigram LM for decode.lm_weight (couplet/lm.py), written by train
+    lm: str = "lm.npz"  # the lower-line bigram LM for decode.lm_weight (couplet/decoding/lm.py), written by train
     decode: str = "decode.json"  # the decoding settings evaluate scored with; answering uses them (over config.json's)
     train_manifest: str = "train.json"  # written last by the train stage
     evaluate_manifest: str = "evaluation.json"  # written last by the evaluate stage

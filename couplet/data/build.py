@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from couplet.catalog import Catalog
-from couplet.config import DataConfig
-from couplet.stage import file_sha256, run_cached, stage_key
-from couplet.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
-from couplet.vocab import Vocab
+from couplet.core.catalog import Catalog
+from couplet.core.config import DataConfig
+from couplet.core.stage import file_sha256, run_cached, stage_key
+from couplet.data.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
+from couplet.data.vocab import Vocab
 
 SPLITS = ("train", "valid", "test")
 ROW_GROUP = 65_536

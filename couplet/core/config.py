@@ -60,7 +60,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     # gated_cnn: the seed's labeller. refine: the same, then `refine_blocks` more gated blocks that relabel each
-    # position seeing the first pass's own answer (see couplet/model.py and docs/design.md)
+    # position seeing the first pass's own answer (see couplet/modelling/model.py and docs/design.md)
     # attention: the same, then `attn_layers` bidirectional self-attention layers over the whole line
     # Default: attention, the lowest valid loss of the 45-minute ablation (docs/benchmarks.md); configs/seed.yaml: gated_cnn
     kind: Literal["gated_cnn", "refine", "attention"] = "attention"
@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     num_threads: int | None = None  # torch CPU threads; None = torch default
     # processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL with one GPU each); each global batch of
     # batch_size is split across them, so batch_size must be a multiple of nproc. 1 = one process, no process
-    # group, couplet.distributed never loaded (couplet/distributed.py, docs/operate.md "Training on several processes, GPUs or machines")
+    # group, couplet.modelling.distributed never loaded (couplet/modelling/distributed.py, docs/operate.md "Training on several processes, GPUs or machines")
     nproc: int = Field(default=1, ge=1)
     compile: bool = False  # torch.compile the model (CUDA)
     # bf16 autocast on CPU too (fp32 weights): ~1.4x faster steps on CPUs with native bf16 (AVX512-BF16/AMX),
@@ -115,7 +115,7 @@ class DecodeConfig(_Section):
     constrained: bool = True  # punctuation, repetition structure and no-copy enforced
     tone: bool = False  # also require the lower line to end in a level (平) tone
     # shallow fusion of the lower-line bigram LM trained with the model: score = model + lm_weight * LM, searched
-    # by beam over positions (couplet/beam.py); 0 = off, the exact k-best search of couplet/decode.py
+    # by beam over positions (couplet/decoding/beam.py); 0 = off, the exact k-best search of couplet/decoding/decode.py
     lm_weight: float = Field(default=0.0, ge=0)
     beam_size: int = Field(default=8, ge=1)  # beam width when lm_weight > 0
 

@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from couplet.atomic import atomic_directory, atomic_write_json, read_json
-from couplet.catalog import STAGES
+from couplet.core.atomic import atomic_directory, atomic_write_json, read_json
+from couplet.core.catalog import STAGE_MODULES, STAGES
 
-log = logging.getLogger("couplet.stage")
-PACKAGE_ROOT = Path(__file__).resolve().parent  # the couplet/ folder
+log = logging.getLogger("couplet.core.stage")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the couplet/ folder
 MANIFEST = "manifest.json"
 
 
@@ -58,7 +58,7 @@ def _imported_modules(tree: ast.AST) -> Iterable[str]:
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.module
-            yield from (f"{node.module}.{alias.name}" for alias in node.names)  # `from couplet import model`
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)  # `from couplet.modelling import model`
 
 
 @functools.lru_cache(maxsize=256)
@@ -84,10 +84,10 @@ def module_closure(module: str, root: Path = PACKAGE_ROOT) -> dict[str, str]:
 
 
 def code_version(stage: str, root: Path = PACKAGE_ROOT) -> str:
-    """Hash of the syntax trees of the code a stage runs (its module `couplet.<stage>` and imports)."""
+    """Hash of the syntax trees of the code a stage runs (its module, `STAGE_MODULES`, and imports)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
-    digests = module_closure(f"{root.name}.{stage}", root)
+    digests = module_closure(f"{root.name}.{STAGE_MODULES[stage]}", root)
     return hash_parts(*(f"{name}={digests[name]}" for name in sorted(digests)))
 
 

@@ -3,11 +3,11 @@
 Reads top to bottom like nanoGPT's train.py, as functions: setup, data, model, optimiser, resume, an eval
 helper, the loop, then the outputs. A run is resumable: every `checkpoint_every` steps the full state
 (weights, optimiser, data position, RNG, best-so-far, and the `TrainState`: step, history, early-stopping
-count, timings; see couplet/checkpoint.py) goes to `model_dir/checkpoints/last.pt`, and a later call with
+count, timings; see couplet/modelling/checkpoint.py) goes to `model_dir/checkpoints/last.pt`, and a later call with
 the same config carries on from there and ends exactly where an uninterrupted run ends. Probe lines, the
-progress bar and the loss curve are in couplet/progress.py. With train.nproc > 1 the same loop runs in every
-rank of a torchrun job (DistributedDataParallel; couplet/distributed.py says how batches, decisions and
-checkpoints are shared); with nproc 1 no process group is started and couplet.distributed is never loaded.
+progress bar and the loss curve are in couplet/modelling/progress.py. With train.nproc > 1 the same loop runs in every
+rank of a torchrun job (DistributedDataParallel; couplet/modelling/distributed.py says how batches, decisions and
+checkpoints are shared); with nproc 1 no process group is started and couplet.modelling.distributed is never loaded.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from couplet.atomic import atomic_write_json
-from couplet.catalog import MODEL_FILES, PROBE_LINES, Catalog
-from couplet.checkpoint import (
+from couplet.core.atomic import atomic_write_json
+from couplet.core.catalog import MODEL_FILES, PROBE_LINES, Catalog
+from couplet.modelling.checkpoint import (
     TrainState,
     load_checkpoint,
     one_line,
@@ -33,15 +33,15 @@ from couplet.checkpoint import (
     run_fingerprint,
     save_checkpoint,
 )
-from couplet.config import Config
-from couplet.data import LengthBucketBatches, count_rows, load_split, read_manifest
-from couplet.locks import hold_lock
-from couplet.model import build_labeller, save_labeller
-from couplet.progress import append_samples, argmax_lines, progress_bar, write_curve
-from couplet.stage import run_cached, stage_key
-from couplet.vocab import PAD, Vocab
+from couplet.core.config import Config
+from couplet.data.batches import LengthBucketBatches, count_rows, load_split, read_manifest
+from couplet.core.locks import hold_lock
+from couplet.modelling.model import build_labeller, save_labeller
+from couplet.modelling.progress import append_samples, argmax_lines, progress_bar, write_curve
+from couplet.core.stage import run_cached, stage_key
+from couplet.data.vocab import PAD, Vocab
 
-log = logging.getLogger("couplet.train")
+log = logging.getLogger("couplet.modelling.train")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -189,15 +189,15 @@ def train_labeller(build_dir: Path, config: Config, model_dir: Path, *, progress
 
     Returns a summary: model_dir, steps, epochs, best_valid_loss, tokens_per_s, seconds, device, resumed_from.
     `stop_after` (tests only) raises TrainingInterrupted after that global step, as a kill would.
-    With train.nproc > 1 (and no `ranks`) the run is handed to torchrun (couplet.distributed.launch_training),
-    whose workers call this again with their `ranks` (a couplet.distributed.Ranks); rank 0 writes `model_dir`.
+    With train.nproc > 1 (and no `ranks`) the run is handed to torchrun (couplet.modelling.distributed.launch_training),
+    whose workers call this again with their `ranks` (a couplet.modelling.distributed.Ranks); rank 0 writes `model_dir`.
     """
     tc = config.train
     build_dir, model_dir = Path(build_dir), Path(model_dir)
     if tc.nproc > 1 and ranks is None:
         if stop_after is not None:
             raise ValueError("stop_after is for single-process runs (train.nproc=1)")
-        from couplet.distributed import launch_training
+        from couplet.modelling.distributed import launch_training
 
         return launch_training(build_dir, config, model_dir, progress=progress)
     previous_threads = torch.get_num_threads()
@@ -382,8 +382,8 @@ def _train(build_dir: Path, config: Config, model_dir: Path, progress: bool, sto
 
 def fit_lower_line_lm(build_dir: Path, model_dir: Path) -> None:
     """The lower-line bigram LM of the build's train split, for decode.lm_weight: model_dir/lm.npz (a few seconds)."""
-    from couplet.build import read_split_text
-    from couplet.lm import CharBigramLM
+    from couplet.data.build import read_split_text
+    from couplet.decoding.lm import CharBigramLM
 
     vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
     CharBigramLM.fit(read_split_text(build_dir, "train")[1], vocab).save(model_dir / MODEL_FILES.lm)

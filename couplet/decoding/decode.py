@@ -34,8 +34,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from couplet.punct import PUNCTUATION, is_punct
-from couplet.vocab import PAD, UNK, Vocab
+from couplet.data.punct import PUNCTUATION, is_punct
+from couplet.data.vocab import PAD, UNK, Vocab
 
 __all__ = [
     "PUNCTUATION",
@@ -329,7 +329,7 @@ def _kbest_murty(cand_ids: list[list[int]], cand_sc: list[list[float]], k: int) 
 @dataclass
 class GroupPlan:
     """A line's repetition groups and their masked score rows: the constraint setup of `decode` and
-    `couplet.beam.beam_decode` (one place, so the two searches enforce the same rules)."""
+    `couplet.decoding.beam.beam_decode` (one place, so the two searches enforce the same rules)."""
 
     group_of: list[int]  # position -> group
     fixed: dict[int, str]  # group -> punctuation mark copied there

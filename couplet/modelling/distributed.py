@@ -1,11 +1,11 @@
-"""Multi-process training (train.nproc > 1): torchrun and DistributedDataParallel around couplet.train.
+"""Multi-process training (train.nproc > 1): torchrun and DistributedDataParallel around couplet.modelling.train.
 
 How a run goes. `train_labeller` with train.nproc = N > 1 calls `launch_training`, which starts
 
-    python -m couplet.distributed launch --nproc-per-node N --standalone -- --build-dir B --model-dir M --config C
+    python -m couplet.modelling.distributed launch --nproc-per-node N --standalone -- --build-dir B --model-dir M --config C
 
 as a subprocess and waits for it. That launcher is torchrun (`torch.distributed.run`, same options) whose
-workers run `python -m couplet.distributed worker ...`: each joins the process group (gloo on CPU, NCCL on
+workers run `python -m couplet.modelling.distributed worker ...`: each joins the process group (gloo on CPU, NCCL on
 CUDA, one GPU per local rank) and calls `train_labeller(..., ranks=Ranks())`. Rank 0 writes everything
 (checkpoints, model.safetensors, metrics.json, samples.md) and hands its summary back through a file. The
 single-process path (nproc 1) never imports this module nor starts a process group.
@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from couplet.config import Config, load_config
+from couplet.core.config import Config, load_config
 
-log = logging.getLogger("couplet.train")
+log = logging.getLogger("couplet.modelling.train")
 SYNC_EVERY = 10  # steps between the ranks' agreements on stopping (and on the clock the schedule reads)
 # what gloo and NCCL say in a rank whose peer died mid-collective
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
@@ -164,7 +164,7 @@ def launch_training(build_dir: Path, config: Config, model_dir: Path, *, progres
     if config.train.batch_size % nproc:
         raise ValueError(f"train.batch_size={config.train.batch_size} cannot be split over train.nproc={nproc} "
                          "processes: make it a multiple of nproc")
-    from couplet.train import pick_device
+    from couplet.modelling.train import pick_device
 
     if pick_device(config.train.device).type == "cuda":  # the device each rank will pick
         check_gpus_per_node(nproc)
@@ -172,12 +172,12 @@ def launch_training(build_dir: Path, config: Config, model_dir: Path, *, progres
     with tempfile.TemporaryDirectory(prefix="couplet-ddp-") as tmp:
         config_path, result_path, error_path = Path(tmp, "config.json"), Path(tmp, "result.json"), Path(tmp, "error.txt")
         config_path.write_text(json.dumps(config.to_dict()), encoding="utf-8")
-        cmd = [sys.executable, "-m", "couplet.distributed", "launch", "--error-out", str(error_path),
+        cmd = [sys.executable, "-m", "couplet.modelling.distributed", "launch", "--error-out", str(error_path),
                "--nproc-per-node", str(nproc), "--standalone", "--",
                "--build-dir", str(build_dir), "--model-dir", str(model_dir), "--config", str(config_path),
                "--result", str(result_path), *([] if progress else ["--no-progress"])]
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])  # `-m couplet...` resolves to this very package
+        root = str(Path(__file__).resolve().parents[2])  # `-m couplet...` resolves to this very package
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         threads = config.train.num_threads or max(1, (os.cpu_count() or 1) // nproc)
         env.setdefault("OMP_NUM_THREADS", str(threads))  # torchrun would set 1, with a warning
@@ -244,7 +244,7 @@ def _launch(argv: list[str]) -> int:
     own.add_argument("--error-out", type=Path)
     mine, torchrun_args = own.parse_known_args(ours)
     _die_with_parent()
-    args = get_args_parser().parse_args([*torchrun_args, "-m", "couplet.distributed", "worker", *worker_args])
+    args = get_args_parser().parse_args([*torchrun_args, "-m", "couplet.modelling.distributed", "worker", *worker_args])
     try:
         run(args)
     except ChildFailedError as exc:
@@ -272,10 +272,10 @@ def _worker(argv: list[str]) -> int:
     """`worker --build-dir B --model-dir M [--config FILE] [--set k=v ...]`: one rank of a torchrun job."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from couplet.atomic import atomic_write_json
-    from couplet.train import pick_device, train_labeller
+    from couplet.core.atomic import atomic_write_json
+    from couplet.modelling.train import pick_device, train_labeller
 
-    ap = argparse.ArgumentParser(prog="python -m couplet.distributed worker")
+    ap = argparse.ArgumentParser(prog="python -m couplet.modelling.distributed worker")
     ap.add_argument("--build-dir", type=Path, required=True)
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--config", help="YAML or JSON config file (a model folder's config.json works)")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(argv[1:])
     if argv[:1] == ["launch"]:
         return _launch(argv[1:])
-    sys.stderr.write("usage: python -m couplet.distributed {launch [torchrun options] -- WORKER-OPTIONS | worker WORKER-OPTIONS}\n")
+    sys.stderr.write("usage: python -m couplet.modelling.distributed {launch [torchrun options] -- WORKER-OPTIONS | worker WORKER-OPTIONS}\n")
     return 2
 
 

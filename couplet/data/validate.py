@@ -2,7 +2,7 @@
 
 Row rules are computed with pyarrow (fast, vectorised) a chunk of rows at a time, so memory does not
 grow with the batch; every row that breaks one goes to `rejects.parquet` with the names of the rules
-it broke. The versioned GX suite in `couplet/suites/couplet_pairs.json` checks the same properties
+it broke. The versioned GX suite in `couplet/data/suites/couplet_pairs.json` checks the same properties
 independently (its own regexes and pandas kernels) with `mostly = 1 - max_reject_rate`, chunk by chunk,
 its results merged into one verdict on the whole batch and one Data Docs page per run.
 A batch-level failure raises `ValidationFailed` with a one-line reason and writes nothing downstream.
@@ -22,14 +22,14 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from couplet.atomic import atomic_write_json, atomic_write_text
-from couplet.catalog import Catalog
-from couplet.config import DataConfig
-from couplet.expectations import SuiteRun, suite_version
-from couplet.locks import hold_lock
-from couplet.punct import CJK_RANGES, PUNCTUATION
-from couplet.stage import run_cached, stage_key
-from couplet.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
+from couplet.core.atomic import atomic_write_json, atomic_write_text
+from couplet.core.catalog import Catalog
+from couplet.core.config import DataConfig
+from couplet.data.expectations import SuiteRun, suite_version
+from couplet.core.locks import hold_lock
+from couplet.data.punct import CJK_RANGES, PUNCTUATION
+from couplet.core.stage import run_cached, stage_key
+from couplet.data.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
 
 RULES = ("non_empty", "equal_length", "punctuation_aligned", "allowed_chars", "max_length", "up_differs_from_down")
 N_EXAMPLES = 5

@@ -1,10 +1,10 @@
 """What `couplet run` reports: the one-line JSON summary of a pipeline run. The stages themselves
-are `run_<stage>` in their own modules (couplet/ingest.py … couplet/evaluate.py); flows/pipeline.py
+are `run_<stage>` in their own modules (couplet/data/ingest.py … couplet/evaluation/evaluate.py); flows/pipeline.py
 wires them together. No Prefect in here."""
 
 from __future__ import annotations
 
-from couplet.config import Config, replace
+from couplet.core.config import Config, replace
 
 
 def with_source(config: Config, source: str) -> Config:

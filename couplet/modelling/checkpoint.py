@@ -4,7 +4,7 @@ A checkpoint is a dict: fingerprint, config, model, optimizer, data (the batch p
 rng, and progress (a `TrainState` as a dict). A run resumes it only when its fingerprint matches (model
 config, the train fields that shape the trajectory, vocabulary size, build); one that was written for
 another configuration, cannot be read, or does not load is ignored with a one-line notice (logger
-"couplet.train") and training starts over.
+"couplet.modelling.train") and training starts over.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from couplet.atomic import atomic_path
-from couplet.config import Config
+from couplet.core.atomic import atomic_path
+from couplet.core.config import Config
 
-log = logging.getLogger("couplet.train")
+log = logging.getLogger("couplet.modelling.train")
 # train fields that change how long a run goes, or how it is run, not its trajectory: a checkpoint stays valid
 # across them (a checkpoint holds the global batch position, so a run resumes with any number of processes)
 RUN_LENGTH_FIELDS = ("epochs", "max_steps", "checkpoint_every", "num_threads", "patience", "nproc")

@@ -26,8 +26,8 @@ from typing import Iterable
 import numpy as np
 import scipy.sparse as sp
 
-from couplet.atomic import atomic_path
-from couplet.vocab import PAD, UNK, Vocab
+from couplet.core.atomic import atomic_path
+from couplet.data.vocab import PAD, UNK, Vocab
 
 __all__ = ["CharBigramLM"]
 

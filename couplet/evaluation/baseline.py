@@ -2,7 +2,7 @@
 
 For each upper character, the lower character most often aligned with it (same position) in a
 build's train split, never the character itself (punctuation excepted: a mark is aligned with a
-mark). Evaluation reports it beside every model (couplet.evaluate), so a model that has not learnt
+mark). Evaluation reports it beside every model (couplet.evaluation.evaluate), so a model that has not learnt
 more than a lookup table shows it.
 
 `DictionaryBaseline` is a `Predictor` whose `log_probs` come from the counts instead of a network,
@@ -31,11 +31,11 @@ from typing import Sequence
 
 import numpy as np
 
-from couplet.config import Config
-from couplet.data import load_split
+from couplet.core.config import Config
+from couplet.data.batches import load_split
 from couplet.predictor import Predictor
-from couplet.punct import is_punct
-from couplet.vocab import PAD, UNK, Vocab
+from couplet.data.punct import is_punct
+from couplet.data.vocab import PAD, UNK, Vocab
 
 BASELINE_ID = "dictionary-baseline"
 FLOOR = -100.0  # log-probability of what the dictionary never answers (any smoothed entry is above -30)
