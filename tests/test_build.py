@@ -7,7 +7,7 @@ import pytest
 from conftest import snapshot
 from datagen import layout_files, make_pairs, write_tarball
 
-from couplet import build as build_mod
+from couplet.data import build as build_mod
 from couplet.data.build import pair_hash, run_build
 from couplet.core.config import DataConfig
 from couplet.data.ingest import run_ingest
