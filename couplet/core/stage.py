@@ -145,11 +145,6 @@ def damaged_output(folder: Path, manifest: dict) -> str | None:
     return None
 
 
-def outputs_intact(folder: Path, manifest: dict) -> bool:
-    """Every output the manifest lists is there, whole and unchanged."""
-    return damaged_output(folder, manifest) is None
-
-
 class DiskFull(OSError):
     """A stage's write failed for lack of space: one line naming the stage and what to do."""
 

@@ -52,10 +52,6 @@ class Vocab:
     def decode(self, ids) -> str:
         return "".join(self.itos[int(i)] for i in ids)
 
-    def unknown_chars(self, text: str) -> list[str]:
-        """Characters of `text` that are not in the vocabulary, in order of first appearance."""
-        return list(dict.fromkeys(ch for ch in text if ch not in self.stoi))
-
     def to_json(self) -> dict:
         return {"version": 1, "min_count": self.min_count, "size": len(self.itos), "itos": self.itos, "counts": self.counts}
 

@@ -175,7 +175,6 @@ def create_app(
         redoc_url=None,
         lifespan=_lifespan,
     )
-    app.state.predictor = predictor
     app.state.answerer = Answerer(predictor, batching=batching, max_batch=max_batch)
     app.state.health = HealthResponse(status="ok", model=_model_id(predictor), max_len=_max_len(predictor))
     app.state.page = _web_page()
