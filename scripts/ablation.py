@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 

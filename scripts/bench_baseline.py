@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COLUMNS = [
     ("ideograph_accuracy", "ideograph acc", "{:.3f}"),

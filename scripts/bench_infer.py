@@ -15,12 +15,9 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _seed_model_dir(tmp: Path, vocab_size: int) -> Path:

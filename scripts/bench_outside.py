@@ -13,11 +13,9 @@ Prints a Markdown table of ideograph accuracy and BLEU, and each model's lower l
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,6 @@ def make_random_model(model_dir: Path, vocab_size: int = 6000, embed_dim: int = 
 
     `kind` is the seed's (gated_cnn) unless asked: the config's default kind may change, these figures should not.
     """
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from couplet.core.config import Config, replace

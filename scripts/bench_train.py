@@ -29,13 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from couplet.core.config import ModelConfig  # noqa: E402
-from couplet.data.batches import LengthBucketBatches, load_split, read_manifest  # noqa: E402
-from couplet.modelling.model import MODEL_KINDS, CoupletLabeller, build_labeller  # noqa: E402
-from couplet.modelling.train import make_optimizer, train_step  # noqa: E402
-from couplet.data.vocab import PAD  # noqa: E402
+from couplet.core.config import ModelConfig
+from couplet.data.batches import LengthBucketBatches, load_split, read_manifest
+from couplet.modelling.model import MODEL_KINDS, CoupletLabeller, build_labeller
+from couplet.modelling.train import make_optimizer, train_step
+from couplet.data.vocab import PAD
 
 
 def synthetic_buckets(vocab_size: int, lengths: list[int], rows: int, seed: int = 0):
