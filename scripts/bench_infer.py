@@ -19,21 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _seed_model_dir(tmp: Path, vocab_size: int) -> Path:
-    import torch
-
-    from couplet.core.config import Config
-    from couplet.modelling.model import CoupletLabeller, save_labeller
-    from couplet.data.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
-
-    chars = [chr(0x4E00 + i) for i in range(vocab_size - 2 - 8)] + list("，。、；：？！…")
-    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *chars])
-    torch.manual_seed(0)
-    config = Config()
-    model = CoupletLabeller(len(vocab), config.model)
-    save_labeller(model, vocab, config, tmp / "seed-size")
-    return tmp / "seed-size"
+from bench_serve import make_random_model  # the one seed-sized random model of the benchmarks
 
 
 def _lines(vocab, n: int, length: int, rng: random.Random) -> list[str]:
@@ -69,11 +55,12 @@ def main() -> None:
 
     import torch
 
+    from couplet.core.config import Config
     from couplet.decoding.decode import DecodeOptions, decode
     from couplet.predictor import Predictor
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model) if args.model else _seed_model_dir(Path(tmp), args.vocab_size)
+        model_dir = Path(args.model) if args.model else make_random_model(Path(tmp) / "seed-size", args.vocab_size, kind=Config().model.kind)
         predictor = Predictor.load(model_dir)
     rng = random.Random(0)
     singles = _lines(predictor.vocab, args.n, args.length, rng)
