@@ -11,6 +11,13 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every integration test is also slow: `-m "not slow"` is the fast tier (README, "Two commands")."""
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An empty $COUPLET_HOME for one test."""
@@ -42,3 +49,70 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """One random-weight model folder (tests/modelkit.py) for the tests that only read it."""
+    from modelkit import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-model")
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_model_dir):
+    """`tiny_model_dir` loaded on one torch thread, as `couplet serve` runs (two threads spin badly on a busy
+    2-core box); the thread count is restored after the module."""
+    import torch
+
+    from couplet.predictor import Predictor
+
+    before = torch.get_num_threads()
+    yield Predictor.load(tiny_model_dir, num_threads=1)
+    torch.set_num_threads(before)
+
+
+# The HTTP API under a real uvicorn server in a thread (tests/test_serve_api.py, tests/test_serve_faults.py).
+
+
+@pytest.fixture(scope="module")
+def served(tiny_predictor):
+    """The default app behind a `BodyReads` recorder, under a real server: (base URL, recorder)."""
+    from servers import BodyReads, serve_in_thread
+
+    from couplet.serving import create_app
+
+    recorder = BodyReads(create_app(tiny_predictor))
+    with serve_in_thread(recorder) as url:
+        yield url, recorder
+
+
+@pytest.fixture(scope="module")
+def base_url(served) -> str:
+    return served[0]
+
+
+@pytest.fixture
+def body_reads(served):
+    recorder = served[1]
+    recorder.clear()
+    return recorder
+
+
+@pytest.fixture(scope="module")
+def unbatched_url(tiny_predictor):
+    """The threadpool variant, with a short body timeout to test 408 quickly."""
+    from servers import serve_in_thread
+
+    from couplet.serving import create_app
+
+    with serve_in_thread(create_app(tiny_predictor, batching=False, body_timeout_s=0.5)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=10) as c:
+        yield c

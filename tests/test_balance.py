@@ -13,7 +13,8 @@ import pytest
 
 from couplet.serving.balance import ConnectionBalancer, SlotTable, create_slot_file
 from procs import accepted_connections, descendants
-from test_serve import CLI, ROOT, UPPER, _free_port, make_tiny_model
+from modelkit import UPPER
+from servers import CLI, free_port
 
 
 class Clock:
@@ -104,11 +105,10 @@ def _post(conn: http.client.HTTPConnection) -> bool:
 
 
 @pytest.mark.integration
-def test_four_keepalive_connections_end_up_two_per_worker(tmp_path):
-    model_dir = make_tiny_model(tmp_path / "tiny")
-    port = _free_port()
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--model", str(model_dir), "--workers", "2"],
-                            cwd=ROOT, env={**os.environ, "COUPLET_HOME": str(tmp_path)},
+def test_four_keepalive_connections_end_up_two_per_worker(tmp_path, tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--model", str(tiny_model_dir), "--workers", "2"],
+                            cwd=tmp_path, env={**os.environ, "COUPLET_HOME": str(tmp_path)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     conns: list[http.client.HTTPConnection] = []
     try:

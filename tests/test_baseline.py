@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-import torch
+from modelkit import save_tiny_model
 from shardkit import make_build_dir
 
 from couplet.evaluation.baseline import BASELINE_ID, FLOOR, DictionaryBaseline
@@ -96,14 +96,12 @@ def test_counting_is_fast(tmp_path):
 
 
 def test_run_evaluate_writes_the_baseline(tmp_path, build):
-    from couplet.modelling.model import CoupletLabeller, save_labeller
     from couplet.data.vocab import Vocab
 
     vocab = Vocab.load(build / "vocab.json")
-    config = Config(data=DataConfig(max_len=8), model=ModelConfig(embed_dim=16, n_blocks=1), evaluate=EvaluateConfig(n_samples=2))
-    model_dir = tmp_path / "home" / "models" / "run-1"
-    torch.manual_seed(0)
-    save_labeller(CoupletLabeller(len(vocab), config.model), vocab, config, model_dir)
+    model = ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=1)
+    config = Config(data=DataConfig(max_len=8), model=model, evaluate=EvaluateConfig(n_samples=2))
+    model_dir = save_tiny_model(tmp_path / "home" / "models" / "run-1", config, vocab)
     trained = {"key": "train-key", "model": str(model_dir), "run_id": "run-1"}
     result = run_evaluate(trained, {"build_dir": str(build)}, config, tmp_path / "home")
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
+from modelkit import UPPER
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -18,8 +18,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-CHARS = "春风得意马蹄疾秋月扬明辉海阔凭鱼跃天高任鸟飞山水花草云雨红绿日夜，。"
-UPPER = "春风得意马蹄疾"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install -y chromium chromium-driver)"
@@ -27,28 +25,13 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    import torch
-
-    from couplet.core.config import Config, ModelConfig
-    from couplet.modelling.model import CoupletLabeller, save_labeller
-    from couplet.predictor import Predictor
-    from couplet.serving import create_app
-    from couplet.data.vocab import Vocab
+def base_url(tiny_predictor):
     from servers import serve_in_thread
 
-    model_dir = tmp_path_factory.mktemp("browser") / "tiny-model"
-    torch.manual_seed(0)
-    vocab = Vocab.from_counts(Counter({ch: 3 for ch in CHARS}), min_count=1)
-    config = Config(model=ModelConfig(embed_dim=16, n_blocks=2, dropout=0.0))
-    save_labeller(CoupletLabeller(len(vocab), config.model).eval(), vocab, config, model_dir)
-    threads = torch.get_num_threads()
-    predictor = Predictor.load(model_dir, num_threads=1)
-    try:
-        with serve_in_thread(create_app(predictor)) as url:
-            yield url
-    finally:
-        torch.set_num_threads(threads)
+    from couplet.serving import create_app
+
+    with serve_in_thread(create_app(tiny_predictor)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from modelkit import save_tiny_model
 from shardkit import make_build_dir
 
 from couplet.core.catalog import MODEL_FILES
 from couplet.core.config import Config, replace
 from couplet.evaluation.evaluate import run_evaluate
 from couplet.decoding.lm import CharBigramLM
-from couplet.modelling.model import build_labeller, load_labeller, save_labeller
+from couplet.modelling.model import load_labeller
 from couplet.predictor import Predictor
 from couplet.modelling.train import fit_lower_line_lm
 from couplet.data.vocab import Vocab
@@ -29,8 +29,7 @@ def folder(tmp_path):
     vocab = Vocab.load(build / "vocab.json")
     config = replace(Config(), "model", kind="refine", embed_dim=16, n_blocks=1, refine_blocks=1)
     model_dir = tmp_path / "home" / "models" / "run-1"
-    torch.manual_seed(0)
-    save_labeller(build_labeller(len(vocab), config.model), vocab, config, model_dir)
+    save_tiny_model(model_dir, config, vocab)
     fit_lower_line_lm(build, model_dir)
     return build, model_dir, config
 

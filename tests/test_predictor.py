@@ -29,20 +29,16 @@ from couplet.predictor import (
 )
 from couplet.serving.schemas import match_payload
 from couplet.data.vocab import PAD_TOKEN, UNK_TOKEN, Vocab
+from modelkit import save_tiny_model
 
 CHARS = "春风得意马蹄疾秋月扬辉犬吠声海阔凭鱼跃天高任鸟飞山水明清云雨花红柳绿日新年好万事如步"
 MAX_LEN = 12
 
 
 def _save_tiny_model(model_dir: Path, seed: int = 0) -> Path:
-    from couplet.modelling.model import CoupletLabeller, save_labeller
-
     vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *dict.fromkeys(CHARS), "，", "。"])
-    config = Config(data=DataConfig(max_len=MAX_LEN), model=ModelConfig(embed_dim=16, n_blocks=2))
-    torch.manual_seed(seed)
-    model = CoupletLabeller(len(vocab), config.model)
-    save_labeller(model, vocab, config, model_dir)
-    return model_dir
+    config = Config(data=DataConfig(max_len=MAX_LEN), model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2))
+    return save_tiny_model(model_dir, config, vocab, seed=seed)
 
 
 @pytest.fixture(scope="module")
