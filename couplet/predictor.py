@@ -21,7 +21,8 @@ import numpy as np
 
 from couplet.core.catalog import MODEL_FILES, Catalog, is_model_dir
 from couplet.core.config import Config, DataConfig, couplet_home
-from couplet.decoding.decode import DecodeOptions, decode
+from couplet.decoding.constraints import DecodeOptions
+from couplet.decoding.settings import DecodeSettings, read_decode_settings, search
 from couplet.data.punct import is_punct
 from couplet.registry import RegistryError, champion_dir
 from couplet.data.vocab import UNK, Vocab
@@ -48,7 +49,7 @@ class Candidate:
 class MatchResult:
     upper: str  # the upper line as answered (after normalisation)
     candidates: list[Candidate]  # best first
-    constraints: list[str]  # couplet constraints enforced (see couplet.decoding.decode)
+    constraints: list[str]  # couplet constraints enforced (see couplet.decoding.constraints)
     model_id: str
     relaxed: list[str] = field(default_factory=list)  # constraints dropped because nothing satisfied them
 
@@ -99,16 +100,20 @@ def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
 
 
 class Predictor:
-    """A loaded labeller plus its vocabulary; answers upper lines with decoded lower lines."""
+    """A loaded labeller plus its vocabulary and decoding settings; answers upper lines with decoded lower lines.
+
+    `decoding` is how it answers (default: `config.decode` without an LM, i.e. the exact search); `load` reads a
+    folder's, and puts the same section in `config.decode`.
+    """
 
     def __init__(self, model, vocab: Vocab, config: Config | None = None, *, model_id: str = "unknown", device: str = "cpu",
-                 lm=None):
+                 decoding: DecodeSettings | None = None):
         self.model = model
         self.vocab = vocab
         self.config = config if config is not None else Config()
         self.model_id = model_id
         self.device = device
-        self.lm = lm  # a couplet.decoding.lm.CharBigramLM, fused into decoding when config.decode.lm_weight > 0
+        self.decoding = decoding if decoding is not None else DecodeSettings(self.config.decode)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "cpu", num_threads: int | None = None) -> "Predictor":
@@ -123,16 +128,9 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         model, vocab, config = load_labeller(path, device=device)
-        lm = None
-        if config.decode.lm_weight > 0:
-            from couplet.decoding.lm import CharBigramLM
-
-            lm_path = path / MODEL_FILES.lm
-            if not lm_path.is_file():
-                raise ValueError(f"decode.lm_weight is {config.decode.lm_weight:g} but {lm_path} is missing: "
-                                 "retrain (couplet run --force train) or set decode.lm_weight=0")
-            lm = CharBigramLM.load(lm_path, vocab_size=len(vocab))
-        return cls(model, vocab, config, model_id=path.resolve().name, device=device, lm=lm)
+        decoding = read_decode_settings(path, config.decode, len(vocab))
+        config = config.model_copy(update={"decode": decoding.config})
+        return cls(model, vocab, config, model_id=path.resolve().name, device=device, decoding=decoding)
 
     @property
     def max_len(self) -> int:
@@ -190,15 +188,9 @@ class Predictor:
     def _options(constrained: bool, tone: bool, options: DecodeOptions | None) -> DecodeOptions:
         return options if options is not None else DecodeOptions.from_flags(constrained=constrained, tone=tone)
 
-    def _result(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions) -> MatchResult:
-        settings = self.config.decode
-        if settings.lm_weight > 0 and self.lm is not None:
-            from couplet.decoding.beam import beam_decode
-
-            res = beam_decode(upper, log_probs, self.vocab, top_k=top_k, options=options, lm=self.lm,
-                              lm_weight=settings.lm_weight, beam_size=max(settings.beam_size, top_k))
-        else:
-            res = decode(upper, log_probs, self.vocab, top_k=top_k, options=options)
+    def answer(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions) -> MatchResult:
+        """Decode a prepared line from its (L, V) log-probabilities as this predictor's `decoding` says."""
+        res = search(upper, log_probs, self.vocab, self.decoding, top_k=top_k, options=options)
         return MatchResult(
             upper=upper,
             candidates=[Candidate(lower, score) for lower, score in res.candidates],
@@ -221,7 +213,7 @@ class Predictor:
         _check_top_k(top_k)
         text = self.prepare(upper, allow_unknown=allow_unknown)
         lp = self.log_probs([text])[0]
-        return self._result(text, lp, top_k, self._options(constrained, tone, options))
+        return self.answer(text, lp, top_k, self._options(constrained, tone, options))
 
     def match_batch(
         self,
@@ -258,7 +250,7 @@ class Predictor:
                 chunk = group[start : start + batch_size]
                 lp = self.log_probs([text for _, text in chunk])
                 for row, (i, text) in enumerate(chunk):
-                    results[i] = self._result(text, lp[row], top_k, opts)
+                    results[i] = self.answer(text, lp[row], top_k, opts)
         return results  # type: ignore[return-value]
 
 

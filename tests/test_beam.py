@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 
 from couplet.decoding.beam import _beam_search, beam_decode
-from couplet.decoding.decode import (
+from couplet.decoding.constraints import (
     PING,
     ZE,
     DecodeOptions,
-    _tables,
     char_tone,
-    decode,
     final_position,
     final_tone,
     plan_groups,
+    vocab_tables,
 )
+from couplet.decoding.decode import decode
 from couplet.decoding.lm import CharBigramLM
 from couplet.evaluation.metrics import repetition_match
 from couplet.data.punct import is_punct
@@ -152,7 +152,7 @@ def test_large_beam_finds_the_brute_force_optimum_with_the_lm():
                           beam_size=10_000)
         assert [s for _, s in res.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)
         # the beam alone (without decode's lines joining the finalists) is exact too
-        plan = plan_groups(upper, lp, _tables(SMALL), options, dtype=np.float64)
+        plan = plan_groups(upper, lp, vocab_tables(SMALL), options, dtype=np.float64)
         rows = _beam_search(lp, plan, SMALL.stoi, SMALL_LM, weight, 10_000)
         best = "".join(plan.fixed.get(g, "") or SMALL.itos[c] for g, c in zip(plan.group_of, rows[0]))
         assert _fused(best, lp, SMALL, SMALL_LM, weight) == pytest.approx(expected[0][1], abs=1e-4)
@@ -169,7 +169,7 @@ def test_without_lm_weight_the_beam_agrees_with_the_exact_decoder():
             == exact.candidates
         assert beam_decode(upper, lp, SMALL, top_k=2, options=options, lm=None, lm_weight=1.0).candidates \
             == exact.candidates
-        plan = plan_groups(upper, lp, _tables(SMALL), options, dtype=np.float64)
+        plan = plan_groups(upper, lp, vocab_tables(SMALL), options, dtype=np.float64)
         rows = _beam_search(lp, plan, SMALL.stoi, None, 0.0, 10_000)
         best = "".join(plan.fixed.get(g, "") or SMALL.itos[c] for g, c in zip(plan.group_of, rows[0]))
         assert _fused(best, lp, SMALL, None, 0.0) == pytest.approx(exact.candidates[0][1], abs=1e-4)

@@ -9,20 +9,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from couplet.decoding.decode import (
+from couplet.decoding.constraints import (
     ARGMAX,
     CONSTRAINED,
     PING,
     ZE,
     DecodeOptions,
     char_tone,
-    decode,
-    decode_argmax,
-    _tables,
     final_position,
     final_tone,
     plan_groups,
+    vocab_tables,
 )
+from couplet.decoding.decode import decode, decode_argmax
 from couplet.evaluation.metrics import repetition_match
 from couplet.data.punct import PUNCTUATION, is_punct
 from couplet.data.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
@@ -216,8 +215,8 @@ def test_plan_groups_sums_and_masks_alike_in_float32_and_float64():
         upper = "".join(rng.choice(list(chars), int(rng.integers(1, 9))))
         options = DecodeOptions(**{name: bool(rng.random() < 0.6) for name in names})
         lp = _log_probs(seed, len(upper))
-        p32 = plan_groups(upper, lp, _tables(VOCAB), options)
-        p64 = plan_groups(upper, lp, _tables(VOCAB), options, dtype=np.float64)
+        p32 = plan_groups(upper, lp, vocab_tables(VOCAB), options)
+        p64 = plan_groups(upper, lp, vocab_tables(VOCAB), options, dtype=np.float64)
         assert p32.scores.dtype == np.float32 and p64.scores.dtype == np.float64
         for name in ("group_of", "fixed", "distinct", "applied"):
             assert getattr(p32, name) == getattr(p64, name)
@@ -298,8 +297,8 @@ def test_a_masked_entry_of_one_position_leaves_the_other_groups_alone():
     lp = (rng.standard_normal((3, len(VOCAB))) - 8.0).astype(np.float32)
     lp[2, VOCAB.stoi["风"]] = -np.inf
     options = DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=False)
-    p32 = plan_groups("天天山", lp, _tables(VOCAB), options)
-    p64 = plan_groups("天天山", lp, _tables(VOCAB), options, dtype=np.float64)
+    p32 = plan_groups("天天山", lp, vocab_tables(VOCAB), options)
+    p64 = plan_groups("天天山", lp, vocab_tables(VOCAB), options, dtype=np.float64)
     assert not np.isnan(p32.scores).any()
     assert np.array_equal(np.isfinite(p32.scores), np.isfinite(p64.scores))
     finite = np.isfinite(p64.scores)

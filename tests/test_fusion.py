@@ -11,8 +11,12 @@ from shardkit import make_build_dir
 
 from couplet.core.catalog import MODEL_FILES
 from couplet.core.config import Config, replace
-from couplet.evaluation.evaluate import run_evaluate
+from couplet.evaluation.evaluate import ablation, evaluate_pairs, run_evaluate
+from couplet.decoding.beam import beam_decode
+from couplet.decoding.constraints import CONSTRAINED
+from couplet.decoding.decode import decode
 from couplet.decoding.lm import CharBigramLM
+from couplet.decoding.settings import DecodeSettings, search
 from couplet.modelling.model import load_labeller
 from couplet.predictor import Predictor
 from couplet.modelling.train import fit_lower_line_lm
@@ -50,7 +54,8 @@ def test_evaluate_records_its_decoding_and_the_folder_answers_with_it(folder, tm
     assert json.loads((model_dir / MODEL_FILES.config).read_text())["decode"]["lm_weight"] == 0.0  # train's, untouched
 
     predictor = Predictor.load(model_dir)
-    assert predictor.config.decode.lm_weight == 0.5 and predictor.lm is not None
+    assert predictor.decoding.config.lm_weight == 0.5 and predictor.decoding.fused
+    assert predictor.config.decode == predictor.decoding.config  # one section, wherever it is read
     answer = predictor.match("春来风顺", top_k=3)
     assert len(answer.candidates) == 3 and all(len(c.lower) == 4 for c in answer.candidates)
     plain = Predictor(predictor.model, predictor.vocab, replace(predictor.config, "decode", lm_weight=0.0))
@@ -58,7 +63,7 @@ def test_evaluate_records_its_decoding_and_the_folder_answers_with_it(folder, tm
     # the fused score is the model's plus lm_weight times the LM's: recompute it for the best line
     best = answer.candidates[0]
     model_score = sum(float(lp[i, predictor.vocab.stoi[ch]]) for i, ch in enumerate(best.lower))
-    assert best.score == pytest.approx(model_score + 0.5 * predictor.lm.line_log_prob(best.lower, predictor.vocab), abs=1e-4)
+    assert best.score == pytest.approx(model_score + 0.5 * predictor.decoding.lm.line_log_prob(best.lower, predictor.vocab), abs=1e-4)
     assert plain.match("春来风顺").candidates[0].score == pytest.approx(
         sum(float(lp[i, predictor.vocab.stoi[ch]]) for i, ch in enumerate(plain.match("春来风顺").best)), abs=1e-4)
 
@@ -70,6 +75,30 @@ def test_lm_weight_without_an_lm_is_a_one_line_error(folder):
     with pytest.raises(ValueError, match=r"decode\.lm_weight is 0\.3 but .*lm\.npz is missing") as info:
         Predictor.load(model_dir)
     assert "\n" not in str(info.value)
-    (model_dir / MODEL_FILES.decode).write_text("{not json")
-    with pytest.raises(ValueError, match=r"decode\.json is damaged"):
-        load_labeller(model_dir)
+    for damaged in ("{not json", "[0.3]"):
+        (model_dir / MODEL_FILES.decode).write_text(damaged)
+        with pytest.raises(ValueError, match=r"decode\.json is damaged"):
+            Predictor.load(model_dir)
+    _, _, trained = load_labeller(model_dir)  # the weights' loader leaves decode.json to read_decode_settings
+    assert trained.decode.lm_weight == 0.0
+
+
+def test_match_evaluate_and_the_ablation_decode_through_the_folders_settings(folder):
+    _, model_dir, config = folder
+    (model_dir / MODEL_FILES.decode).write_text(json.dumps({"lm_weight": 0.5, "beam_size": 4, "dropped_since": 1}))
+    predictor = Predictor.load(model_dir)
+    settings = predictor.decoding
+    assert settings.fused and settings.config.beam_size == 4 and settings.config.constrained == config.decode.constrained
+    lp = predictor.log_probs(["春来风顺"])[0]
+    fused = beam_decode("春来风顺", lp, predictor.vocab, top_k=2, lm=settings.lm, lm_weight=0.5, beam_size=4)
+    assert search("春来风顺", lp, predictor.vocab, settings, top_k=2) == fused
+    exact = DecodeSettings(settings.config)  # no LM: the exact search, whatever lm_weight says
+    assert search("春来风顺", lp, predictor.vocab, exact, top_k=2) == decode("春来风顺", lp, predictor.vocab, top_k=2)
+    assert predictor.match("春来风顺", top_k=2).candidates[0].score == fused.candidates[0][1]
+
+    uppers, references = [u for u, _ in TEST], [d for _, d in TEST]
+    metrics, predictions = evaluate_pairs(predictor, uppers, references)
+    assert predictions == [predictor.match(u, allow_unknown=True).best for u in uppers]
+    [row] = ablation(predictor, uppers, references, variants=[("constrained", CONSTRAINED)])
+    assert {key: row[key] for key in ("bleu", "char_accuracy", "exact_match")} == \
+        {key: metrics[key] for key in ("bleu", "char_accuracy", "exact_match")}

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from couplet.core.config import Config, DataConfig, ModelConfig
-from couplet.decoding.decode import ARGMAX
+from couplet.decoding.constraints import ARGMAX
 from couplet.evaluation.evaluate import (
     ABLATION_VARIANTS,
     ablation,

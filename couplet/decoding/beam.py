@@ -12,7 +12,7 @@ positions are filled: PAD/UNK never; `punctuation` copies the mark (also one mis
 vocabulary) and keeps marks elsewhere out; `no_copy`; `repetition` (a group's later positions are forced
 to its character; a new group's character differs from every other group's); `tone` (the final
 position's group allows only 平 characters when the upper line ends 仄). The groups and their masked score
-rows come from `couplet.decoding.decode.plan_groups`, the setup `decode` uses (summed in float64 here). A group's
+rows come from `couplet.decoding.constraints.plan_groups`, the setup `decode` uses (summed in float64 here). A group's
 model log-prob for ALL its positions is added when its character is chosen, so the model part is exact
 from then on; the LM part accrues position by position.
 
@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from couplet.decoding.decode import (
+from couplet.decoding.constraints import (
     CONSTRAINED,
     DecodeOptions,
     DecodeResult,
     GroupPlan,
-    _decode_once,
-    _tables,
     checked_log_probs,
-    decode,
     plan_groups,
     search_relaxing,
+    vocab_tables,
 )
+from couplet.decoding.decode import decode, exact_kbest
 from couplet.decoding.lm import CharBigramLM
 from couplet.data.vocab import UNK, Vocab
 
@@ -147,13 +146,13 @@ def beam_decode(
     lp = checked_log_probs(upper, log_probs, vocab)
     if not upper:
         return DecodeResult(candidates=[("", 0.0)], constraints=[])
-    tables = _tables(vocab)
+    tables = vocab_tables(vocab)
 
     def attempt(current: DecodeOptions) -> tuple[list[tuple[str, float]], list[str]]:
         plan = plan_groups(upper, lp, tables, current, dtype=np.float64)  # the beam sums groups in float64
         found = _beam_search(lp, plan, tables.stoi, lm, lm_weight, max(beam_size, top_k))
         finalists = [_text(plan, vocab, row) for row in found]
-        exact, _ = _decode_once(upper, lp, tables, top_k, current, 20000)
+        exact, _ = exact_kbest(upper, lp, tables, top_k, current)
         pool = list(dict.fromkeys([*finalists, *(line for line, _ in exact)]))
         scored = sorted(((line, fused_score(line, lp, vocab, lm, lm_weight)) for line in pool), key=lambda item: -item[1])
         return scored[:top_k], plan.applied

@@ -1,22 +1,11 @@
-"""Decoding that respects the couplet: from per-position log-probabilities to whole lower lines.
-
-(Over 300 lines on purpose: one search with its constraint handling, top-1 by assignment and top-k
-by A*/Murty, reads best in one file; splitting it would scatter the shared tables and invariants.)
+"""The exact k-best search: from per-position log-probabilities to whole lower lines under the couplet rules.
 
 The labeller gives, for every character of the upper line (上联), a distribution over the
-character at the same position of the lower line (下联). `decode` turns that (L, V) matrix
-into the k best whole lines under a switchable set of couplet constraints:
-
-- always: PAD and UNK are never emitted;
-- `no_copy`: lower[i] != upper[i] (the seed's prior; punctuation positions excepted when
-  `punctuation` is on, since a mark is copied there);
-- `punctuation`: a punctuation position gets the same mark, other positions never get one;
-- `repetition`: upper[i] == upper[j]  <=>  lower[i] == lower[j]. Positions are grouped by
-  their upper character; a group gets one lower character, scored by the sum of its
-  positions' log-probabilities, and different groups get different characters;
-- `tone`: if the upper line ends in a 仄 (oblique) tone, the lower line's final character
-  must be 平 (level). Tones come from pypinyin `Style.TONE3` (1-2 = 平, 3-4 = 仄); a
-  character whose tone cannot be determined is not allowed there.
+character at the same position of the lower line (下联). `decode` turns that (L, V) matrix into
+the k best whole lines under the constraints of `couplet.decoding.constraints` (`DecodeOptions`),
+whose `plan_groups` gives each repetition group one row of masked, summed log-probabilities. A
+line's score then splits into independent per-group terms, with different groups taking different
+characters: a k-best assignment problem.
 
 The search is an exact best-first (A*) enumeration over groups with lazily generated
 siblings; each group's candidates are pruned to its top N = k + (number of groups)
@@ -28,141 +17,25 @@ on `scipy.optimize.linear_sum_assignment`) finishes the job, still exactly.
 from __future__ import annotations
 
 import heapq
-import weakref
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
 
 import numpy as np
 
-from couplet.data.punct import PUNCTUATION, is_punct
-from couplet.data.vocab import PAD, UNK, Vocab
+from couplet.data.vocab import Vocab
+from couplet.decoding.constraints import (
+    ARGMAX,
+    CONSTRAINED,
+    DecodeOptions,
+    DecodeResult,
+    VocabTables,
+    checked_log_probs,
+    plan_groups,
+    search_relaxing,
+    vocab_tables,
+)
 
-__all__ = [
-    "PUNCTUATION",
-    "PING",
-    "ZE",
-    "ARGMAX",
-    "CONSTRAINED",
-    "DecodeOptions",
-    "DecodeResult",
-    "char_tone",
-    "final_position",
-    "final_tone",
-    "decode",
-    "decode_argmax",
-    "GroupPlan",
-    "plan_groups",
-]
+__all__ = ["DecodeOptions", "DecodeResult", "decode", "decode_argmax", "exact_kbest"]
 
-PING, ZE = "平", "仄"
 NEG_INF = -np.inf
-
-
-# --------------------------------------------------------------------------- tones
-
-
-@lru_cache(maxsize=1 << 16)
-def char_tone(ch: str) -> str | None:
-    """'平' (tones 1-2), '仄' (tones 3-4) or None (neutral tone, unknown, not a Han character).
-
-    Uses the character's default (most common) reading in pypinyin, read in isolation, so that
-    the decoder (which chooses characters one group at a time) and the metrics agree.
-    """
-    if len(ch) != 1 or is_punct(ch) or ch.isspace():
-        return None
-    from pypinyin import Style, pinyin
-
-    reading = pinyin(ch, style=Style.TONE3, heteronym=False, errors="ignore")
-    if not reading or not reading[0] or not reading[0][0]:
-        return None
-    last = reading[0][0][-1]
-    if last in "12":
-        return PING
-    if last in "34":
-        return ZE
-    return None
-
-
-def final_position(line: str) -> int | None:
-    """Index of the line's last non-punctuation character (None if there is none)."""
-    for i in range(len(line) - 1, -1, -1):
-        if not is_punct(line[i]):
-            return i
-    return None
-
-
-def final_tone(line: str) -> str | None:
-    """Tone class of the line's final (non-punctuation) character."""
-    pos = final_position(line)
-    return None if pos is None else char_tone(line[pos])
-
-
-# --------------------------------------------------------------------------- options / results
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """Which couplet constraints the decoder enforces (PAD/UNK are always excluded)."""
-
-    no_copy: bool = True
-    punctuation: bool = True
-    repetition: bool = True
-    tone: bool = False
-
-    @classmethod
-    def from_flags(cls, constrained: bool = True, tone: bool = False) -> "DecodeOptions":
-        """`constrained` switches no-copy, punctuation and repetition together; `tone` is separate."""
-        return cls(no_copy=constrained, punctuation=constrained, repetition=constrained, tone=tone)
-
-    def names(self) -> list[str]:
-        return [name for name in ("no_copy", "punctuation", "repetition", "tone") if getattr(self, name)]
-
-
-ARGMAX = DecodeOptions(no_copy=False, punctuation=False, repetition=False, tone=False)
-CONSTRAINED = DecodeOptions()
-
-
-@dataclass
-class DecodeResult:
-    candidates: list[tuple[str, float]]  # (lower line, total log-probability), best first
-    constraints: list[str]  # constraints actually enforced on this line
-    relaxed: list[str] = field(default_factory=list)  # requested but dropped: no assignment satisfied them
-
-
-# --------------------------------------------------------------------------- per-vocabulary tables
-
-
-class _VocabTables:
-    def __init__(self, vocab: Vocab) -> None:
-        self.itos = vocab.itos
-        self.stoi = vocab.stoi
-        self.size = len(vocab)
-        self.punct_ids = np.array(
-            [i for i, ch in enumerate(vocab.itos) if i not in (PAD, UNK) and is_punct(ch)], dtype=np.intp
-        )
-        self._ping_penalty: np.ndarray | None = None
-
-    @property
-    def ping_penalty(self) -> np.ndarray:
-        """0 for 平-tone characters, -inf for the rest (computed on first use, ~0.1 s per 6k chars)."""
-        if self._ping_penalty is None:
-            ping = np.array([char_tone(ch) == PING for ch in self.itos], dtype=bool)
-            ping[[PAD, UNK]] = False
-            self._ping_penalty = np.where(ping, 0.0, NEG_INF).astype(np.float32)
-        return self._ping_penalty
-
-
-_TABLES: dict[int, tuple[weakref.ref, _VocabTables]] = {}
-
-
-def _tables(vocab: Vocab) -> _VocabTables:
-    entry = _TABLES.get(id(vocab))
-    if entry is not None and entry[0]() is vocab and entry[1].size == len(vocab):
-        return entry[1]
-    tables = _VocabTables(vocab)
-    key = id(vocab)
-    _TABLES[key] = (weakref.ref(vocab, lambda _ref, key=key: _TABLES.pop(key, None)), tables)
-    return tables
 
 
 # --------------------------------------------------------------------------- k-best search
@@ -326,96 +199,11 @@ def _kbest_murty(cand_ids: list[list[int]], cand_sc: list[list[float]], k: int) 
 # --------------------------------------------------------------------------- decoding
 
 
-@dataclass
-class GroupPlan:
-    """A line's repetition groups and their masked score rows: the constraint setup of `decode` and
-    `couplet.decoding.beam.beam_decode` (one place, so the two searches enforce the same rules)."""
-
-    group_of: list[int]  # position -> group
-    fixed: dict[int, str]  # group -> punctuation mark copied there
-    scores: np.ndarray  # (groups, V): summed log-probs of the group's positions, disallowed = -inf
-    distinct: bool  # different free groups must get different characters
-    applied: list[str]  # constraints enforced on this line ("tone" only where it applied)
-
-
-def _sum_positions(lp: np.ndarray, group_of: list[int], n_groups: int, dtype) -> np.ndarray:
-    """Each group's row: the sum of its positions' rows, position by position in position order, in `dtype`."""
-    scores = np.zeros((n_groups, lp.shape[1]), dtype=dtype)
-    for i, g in enumerate(group_of):
-        scores[g] += lp[i]
-    return scores
-
-
-def plan_groups(
-    upper: str, lp: np.ndarray, tables: _VocabTables, options: DecodeOptions, dtype=np.float32
-) -> GroupPlan:
-    """Groups of `upper` and their score rows with every constraint of `options` applied as masks.
-
-    `repetition` groups positions by upper character (else each position is its own group); a
-    group's row sums its positions' log-probabilities. PAD/UNK are -inf everywhere; `punctuation`
-    fixes punctuation groups to their mark and masks every punctuation id (fixed rows are left as
-    they are: callers skip them); `no_copy` masks the group's own upper character (not in fixed
-    groups); `tone` keeps only 平 ids in the final position's group when the upper line ends 仄.
-
-    `dtype` is how groups are summed. float32 (decode's hot path): one matmul of a float32 0/1
-    membership matrix with `lp`, whose result follows `lp`'s dtype (float64 log-probs give float64
-    sums; where `lp` holds -inf, 0 * -inf would make NaN, so such a line is summed row by row, in `lp`'s
-    dtype). Any other dtype (the beam's float64): row by row, in position order, in that dtype. A line
-    without repeats is `lp` copied as `dtype` either way. `scores` is a new array the caller owns.
-    """
-    applied: list[str] = []
-    if options.repetition:
-        index: dict[str, int] = {}
-        group_of = [index.setdefault(ch, len(index)) for ch in upper]
-        group_chars = list(index)
-    else:
-        group_of = list(range(len(upper)))
-        group_chars = list(upper)
-    n_groups, length = len(group_chars), len(group_of)
-    if n_groups == length:  # groups are the positions, in order: nothing to add
-        scores = np.array(lp, dtype=dtype, copy=True)
-    elif dtype is np.float32 or np.dtype(dtype) == np.float32:  # `is` first: ~1 us on the hot path
-        member = np.zeros((n_groups, length), dtype=np.float32)
-        member[group_of, np.arange(length)] = 1.0
-        with np.errstate(invalid="ignore"):
-            scores = member @ lp
-        if np.isnan(scores).any():  # 0 * -inf: a masked entry of one position would spoil every other group's row
-            scores = _sum_positions(lp, group_of, n_groups, lp.dtype)
-    else:
-        scores = _sum_positions(lp, group_of, n_groups, dtype)
-    scores[:, PAD] = NEG_INF
-    scores[:, UNK] = NEG_INF
-
-    fixed: dict[int, str] = {}
-    if options.punctuation:
-        applied.append("punctuation")
-        for g, ch in enumerate(group_chars):
-            if is_punct(ch):
-                fixed[g] = ch
-        if tables.punct_ids.size:
-            scores[:, tables.punct_ids] = NEG_INF
-    if options.no_copy:
-        applied.append("no_copy")
-        stoi = tables.stoi
-        for g, ch in enumerate(group_chars):
-            if g not in fixed:
-                uid = stoi.get(ch)
-                if uid is not None:
-                    scores[g, uid] = NEG_INF
-    if options.repetition:
-        applied.append("repetition")
-    if options.tone and final_tone(upper) == ZE:
-        g = group_of[final_position(upper)]
-        if g not in fixed:
-            scores[g] += tables.ping_penalty
-            applied.append("tone")
-    n_free = len(group_chars) - len(fixed)
-    return GroupPlan(group_of, fixed, scores, options.repetition and n_free > 1, applied)
-
-
-def _decode_once(
-    upper: str, lp: np.ndarray, tables: _VocabTables, top_k: int, options: DecodeOptions, max_pops: int
+def exact_kbest(
+    upper: str, lp: np.ndarray, tables: VocabTables, top_k: int, options: DecodeOptions, max_pops: int = 20000
 ) -> tuple[list[tuple[str, float]], list[str]]:
+    """One attempt of `decode` (no relaxing): the `top_k` best lines of `upper` under `options`, best first, and the
+    constraints applied; no lines when nothing satisfies them. `lp` holds exactly the line's rows."""
     length = len(upper)
     stoi = tables.stoi
     plan = plan_groups(upper, lp, tables, options)
@@ -464,9 +252,6 @@ def _decode_once(
     return out, applied
 
 
-_RELAX_ORDER = ("tone", "repetition", "punctuation", "no_copy")
-
-
 def decode(
     upper: str,
     log_probs: np.ndarray,
@@ -488,34 +273,8 @@ def decode(
     lp = checked_log_probs(upper, log_probs, vocab)
     if not upper:
         return DecodeResult(candidates=[("", 0.0)], constraints=[])
-    tables = _tables(vocab)
-    return search_relaxing(options, lambda current: _decode_once(upper, lp, tables, top_k, current, max_pops))
-
-
-def checked_log_probs(upper: str, log_probs: np.ndarray, vocab: Vocab) -> np.ndarray:
-    """`log_probs` as an array of the line's rows; a ValueError unless its shape is (>= len(upper), len(vocab))."""
-    lp = np.asarray(log_probs)
-    if lp.ndim != 2 or lp.shape[0] < len(upper) or lp.shape[1] != len(vocab):
-        raise ValueError(
-            f"log_probs must have shape (>= {len(upper)}, {len(vocab)}) for this line and vocabulary, got {lp.shape}"
-        )
-    return lp[: len(upper)]
-
-
-def search_relaxing(options: DecodeOptions, attempt) -> DecodeResult:
-    """`attempt(options) -> (candidates, constraints applied)`, retried with constraints dropped in `_RELAX_ORDER`
-    while it finds nothing; the dropped ones are listed in `DecodeResult.relaxed`."""
-    relaxed: list[str] = []
-    current = options
-    while True:
-        candidates, applied = attempt(current)
-        if candidates:
-            return DecodeResult(candidates=candidates, constraints=applied, relaxed=relaxed)
-        still_on = [name for name in _RELAX_ORDER if getattr(current, name)]
-        if not still_on:
-            return DecodeResult(candidates=[], constraints=applied, relaxed=relaxed)
-        relaxed.append(still_on[0])
-        current = replace(current, **{still_on[0]: False})
+    tables = vocab_tables(vocab)
+    return search_relaxing(options, lambda current: exact_kbest(upper, lp, tables, top_k, current, max_pops))
 
 
 def decode_argmax(upper: str, log_probs: np.ndarray, vocab: Vocab, *, top_k: int = 1) -> DecodeResult:

@@ -5,7 +5,8 @@
 - `evaluate_pairs(predictor, uppers, references)`: decode every upper line (batched) and score the
   predictions with `couplet.evaluation.metrics.compute_metrics`.
 - `ablation(predictor, uppers, references)`: the same metrics for each decoding variant, from the
-  seed's argmax to every couplet constraint (each model call is shared by all variants).
+  seed's argmax to every couplet constraint (each model call is shared by all variants). Both decode
+  through the predictor, as its decoding settings say (couplet.decoding.settings).
 - `run_evaluate(trained, built, config, home)`: stage 5, the test split of a build scored with the
   trained model into the model folder (`metrics.json` "test", `samples.md`, `evaluation.json`),
   beside the dictionary baseline of the build's train split (couplet.evaluation.baseline), scored on the same
@@ -29,7 +30,7 @@ from couplet.evaluation.baseline import DictionaryBaseline
 from couplet.data.build import read_split_text
 from couplet.core.catalog import MODEL_FILES, PROBE_LINES, Catalog
 from couplet.core.config import Config
-from couplet.decoding.decode import ARGMAX, DecodeOptions, decode
+from couplet.decoding.constraints import ARGMAX, DecodeOptions
 from couplet.core.locks import hold_lock
 from couplet.evaluation.metrics import compute_metrics
 from couplet.predictor import InputError, Predictor
@@ -89,7 +90,8 @@ def _prepare_all(predictor: Predictor, uppers: Sequence[str]) -> tuple[list[str 
 def _decode_all(
     predictor: Predictor, uppers: Sequence[str], variants: Sequence[DecodeOptions], batch_size: int
 ) -> tuple[list[list[str]], int]:
-    """Best lower line of every upper line under each decoding variant (one model call per batch)."""
+    """Best lower line of every upper line under each decoding variant, answered as `predictor.answer` does (one
+    model call per batch, shared by the variants)."""
     prepared, bad = _prepare_all(predictor, uppers)
     out = [[""] * len(uppers) for _ in variants]
     by_length: dict[int, list[int]] = {}
@@ -102,8 +104,7 @@ def _decode_all(
             lps = predictor.log_probs([prepared[i] for i in chunk])
             for row, i in enumerate(chunk):
                 for v, options in enumerate(variants):
-                    res = decode(prepared[i], lps[row], predictor.vocab, top_k=1, options=options)
-                    out[v][i] = res.candidates[0][0] if res.candidates else ""
+                    out[v][i] = predictor.answer(prepared[i], lps[row], 1, options).best
     return out, bad
 
 

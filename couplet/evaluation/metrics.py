@@ -20,7 +20,7 @@ references are under `references`, so a reader sees what real couplets score):
 - `copy_rate`: share of non-punctuation positions with lower[i] == upper[i] (the decoder keeps
   this at 0); `copy_line_rate`: share of lines with at least one such copy;
 - `tone_rate`: among lines whose upper line ends in a 仄 tone (`tone_applicable` of them), the
-  share whose lower line ends in a 平 tone at the same position (tones as in `couplet.decoding.decode`:
+  share whose lower line ends in a 平 tone at the same position (tones as in `couplet.decoding.constraints`:
   pypinyin TONE3 default reading of the character alone; "ends" = last non-punctuation character);
 - `boundary_exact`: share of lines whose jieba word boundaries (the offsets between words,
   excluding 0 and the line length) are identical for upper and lower;
@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from couplet.decoding.decode import PING, ZE, char_tone, final_position
+from couplet.decoding.constraints import PING, ZE, char_tone, final_position
 from couplet.data.punct import is_ideograph, is_punct
 
 _JIEBA = None
