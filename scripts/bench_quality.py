@@ -90,17 +90,17 @@ def choose_lm_weight(predictor, lm, build_dir: Path, weights: list[float], max_v
     together over weight 0; 0 when none does."""
     from couplet.data.build import read_split_text
     from couplet.core.config import replace
+    from couplet.decoding.settings import DecodeSettings
     from couplet.evaluation.evaluate import evaluate_pairs
 
     uppers, refs = read_split_text(build_dir, "valid")
     uppers, refs = uppers[:max_valid], refs[:max_valid]
-    base_config, rows = predictor.config, []
+    base_decoding, rows = predictor.decoding, []
     for weight in [0.0, *weights]:
-        predictor.config = replace(base_config, "decode", lm_weight=weight)
-        predictor.lm = lm if weight else None
+        predictor.decoding = DecodeSettings(replace(predictor.config, "decode", lm_weight=weight).decode, lm if weight else None)
         metrics, _ = evaluate_pairs(predictor, uppers, refs)
         rows.append({"lm_weight": weight, "ideograph_accuracy": metrics["ideograph_accuracy"], "bleu": metrics["bleu"]})
-    predictor.config, predictor.lm = base_config, None
+    predictor.decoding = base_decoding
     off = rows[0]
     better = [r for r in rows[1:] if r["ideograph_accuracy"] > off["ideograph_accuracy"] and r["bleu"] > off["bleu"]]
     return (max(better, key=lambda r: r["bleu"])["lm_weight"] if better else 0.0), rows
@@ -112,6 +112,7 @@ def score_variant(name: str, summary: dict, args) -> list[dict]:
     from couplet.core.config import replace
     from couplet.evaluation.evaluate import evaluate_pairs
     from couplet.decoding.lm import CharBigramLM
+    from couplet.decoding.settings import DecodeSettings
     from couplet.predictor import Predictor
 
     model_dir = Path(summary["model"])
@@ -142,7 +143,7 @@ def score_variant(name: str, summary: dict, args) -> list[dict]:
         row["lm_valid"] = valid_rows
         row["lm_weight_chosen"] = weight
         if weight:
-            predictor.config, predictor.lm = replace(predictor.config, "decode", lm_weight=weight), lm
+            predictor.decoding = DecodeSettings(replace(predictor.config, "decode", lm_weight=weight).decode, lm)
             uppers, refs = read_split_text(build_dir, "test")
             metrics, _ = evaluate_pairs(predictor, uppers, refs)
             rows.append({**row, "variant": f"{name} + LM {weight:g}", "metrics": metrics,
