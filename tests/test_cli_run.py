@@ -33,6 +33,7 @@ def tarball(tmp_path) -> Path:
     return write_dataset_tarball(tmp_path / "couplet.tar.gz", n_train=300, n_test=30)
 
 
+@pytest.mark.slow
 def test_run_from_file_cached_then_param_change(home, prefect_home, tarball):
     first = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json"))
     assert {k: v["status"] for k, v in first["stages"].items()} == {"ingest": "completed", "validate": "completed", "build": "completed"}
@@ -55,6 +56,7 @@ def test_run_from_file_cached_then_param_change(home, prefect_home, tarball):
     assert report.returncode == 0 and "report.md" in report.stdout
 
 
+@pytest.mark.slow
 def test_run_over_http_and_bad_inputs(home, prefect_home, tarball, tmp_path):
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tarball.parent))
@@ -90,6 +92,7 @@ def test_config_errors_are_one_line(home, prefect_home, tarball):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: train.max_steps: expected an integer, got 'lots'"
 
 
+@pytest.mark.slow
 def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     small = ["--set", "train.max_steps=40", "--set", "model.embed_dim=32", "--set", "model.n_blocks=2",
              "--set", "train.num_threads=1", "--set", "evaluate.n_samples=3", "--set", "train.checkpoint_every=20"]
@@ -130,6 +133,7 @@ def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_failed_validation_is_one_line_naming_the_rule(home, prefect_home, tmp_path):
     from datagen import layout_files, make_pairs, write_tarball
 
@@ -168,6 +172,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_killed_run_leaves_no_server_and_a_rerun_completes(home, prefect_home, tarball):
     import signal

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from datagen import write_dataset_tarball
 
 from couplet.core.catalog import Catalog
@@ -133,6 +134,7 @@ def files_naming(root: Path, text: str) -> list[str]:
             if p.is_file() and p.suffix not in BINARY and ".prefect" not in p.relative_to(root).parts and needle in p.read_bytes()]
 
 
+@pytest.mark.slow
 def test_a_home_copied_elsewhere_is_all_cached_and_answers(tmp_path, prefect_home):
     source = write_dataset_tarball(tmp_path / "source" / "couplet.tar.gz", n_train=300, n_test=30)
     a, b = tmp_path / "home-a", tmp_path / "home-b"

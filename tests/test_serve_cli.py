@@ -81,6 +81,7 @@ def test_cli_serve_default_worker_count(tiny_model_dir, monkeypatch, cores, args
         assert os.environ["COUPLET_SERVE_BALANCE"].endswith("slots")  # the workers' shared slot file (removed by now)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, stop", [(1, signal.SIGINT), (2, signal.SIGTERM)])
 def test_cli_serve_loads_once_and_binds_loopback(tiny_model_dir, tmp_path, workers, stop):
     port = free_port()
