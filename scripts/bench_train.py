@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench_train.py --threads 2 --loss plain --adam loop   # the variants measured
     .venv/bin/python scripts/bench_train.py --nproc 2          # 1 process, then 2 under torchrun (DDP, gloo)
 
-Runs the trainer's own step (couplet.modelling.train.train_step) on the seed config for --warmup steps, then times
+Runs the trainer's own step (couplet.modelling.step.train_step) on the seed config for --warmup steps, then times
 --steps steps, --repeats times, and reports the best and median repeat. The machine may be shared, so
 the 1-minute load average is printed too: with 2 threads on 2 busy cores, OpenMP barriers wreck timings.
 
@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from couplet.core.config import ModelConfig
-from couplet.data.batches import LengthBucketBatches, load_split, read_manifest
+from couplet.data.batches import LengthBucketBatches, load_split
+from couplet.data.build import read_build_manifest
 from couplet.modelling.model import MODEL_KINDS, CoupletLabeller, build_labeller
-from couplet.modelling.train import make_optimizer, train_step
+from couplet.modelling.step import make_optimizer, train_step
 from couplet.data.vocab import PAD
 
 
@@ -123,7 +124,7 @@ def measure(args, ranks=None) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.build_dir:
-        vocab_size = int(read_manifest(args.build_dir)["vocab_size"])
+        vocab_size = int(read_build_manifest(args.build_dir)["vocab_size"])
         buckets = load_split(args.build_dir, "train", args.max_len)
     else:
         vocab_size = args.vocab_size

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from couplet.core.catalog import PROBE_LINES as PROBES
 from couplet.core.config import Config, replace
 from couplet.data.batches import LengthBucketBatches, load_split
+from couplet.modelling.loop import TrainingInterrupted
 from couplet.modelling.model import load_labeller
-from couplet.modelling.train import TrainingInterrupted, argmax_lines, train_labeller
+from couplet.modelling.progress import argmax_lines
+from couplet.modelling.train import train_labeller
 from shardkit import make_build_dir
 
 PAIRS = [
@@ -197,24 +199,24 @@ def test_cli_prints_library_notices_as_plain_lines(capfd):
 def test_cpu_bf16_auto_follows_the_cpu_and_forcing_it_warns(monkeypatch, caplog):
     import logging
 
-    import couplet.modelling.train as train_mod
+    import couplet.modelling.step as step_mod
 
-    monkeypatch.setattr(train_mod, "native_cpu_bf16", lambda: False)
-    assert train_mod.resolve_cpu_bf16("auto") is False and train_mod.resolve_cpu_bf16(False) is False
+    monkeypatch.setattr(step_mod, "native_cpu_bf16", lambda: False)
+    assert step_mod.resolve_cpu_bf16("auto") is False and step_mod.resolve_cpu_bf16(False) is False
     assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="couplet.modelling.train"):
-        assert train_mod.resolve_cpu_bf16(True) is True
+        assert step_mod.resolve_cpu_bf16(True) is True
     (record,) = caplog.records
     assert "without native bf16" in record.getMessage() and "x slower than fp32" in record.getMessage()
-    monkeypatch.setattr(train_mod, "native_cpu_bf16", lambda: True)
-    assert train_mod.resolve_cpu_bf16("auto") is True
+    monkeypatch.setattr(step_mod, "native_cpu_bf16", lambda: True)
+    assert step_mod.resolve_cpu_bf16("auto") is True
 
 
 # --------------------------------------------------------------------------- schedule, weight average, budget
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    from couplet.modelling.train import lr_factor
+    from couplet.modelling.step import lr_factor
 
     tc = replace(Config(), "train", lr_schedule="cosine", warmup_steps=10).train
     factors = [lr_factor(tc, step, 110, 0.0) for step in range(111)]
@@ -227,7 +229,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_warmup_is_at_most_a_tenth_of_a_short_run():
-    from couplet.modelling.train import lr_factor
+    from couplet.modelling.step import lr_factor
 
     tc = replace(Config(), "train", lr_schedule="cosine", warmup_steps=500).train
     assert lr_factor(tc, 0, 40, 0.0) == pytest.approx(0.25) and lr_factor(tc, 3, 40, 0.0) == pytest.approx(1.0)
@@ -235,7 +237,7 @@ def test_warmup_is_at_most_a_tenth_of_a_short_run():
 
 
 def test_ema_decay_warms_up_to_its_setting():
-    from couplet.modelling.train import ema_update
+    from couplet.modelling.step import ema_update
 
     update, current = ema_update(0.999), [torch.ones(2)]
     early = [torch.zeros(2)]
@@ -274,10 +276,10 @@ def test_ema_weights_are_what_is_saved(build, tmp_path):
 
 
 def test_max_minutes_ends_training_early_and_keeps_a_model(build, tmp_path, monkeypatch):
-    import couplet.modelling.train as train_module
+    import couplet.modelling.loop as loop_module
 
     clock = iter(range(0, 10**6, 30))  # every perf_counter call: 30 s later
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: float(next(clock)))
     summary = train_labeller(build, small_config(epochs=50, max_minutes=1.0), tmp_path / "m", progress=False)
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["out_of_time"] and summary["steps"] < 50 * metrics["steps_per_epoch"]

@@ -1,12 +1,13 @@
-"""Multi-process training (train.nproc > 1): torchrun and DistributedDataParallel around couplet.modelling.train.
+"""Multi-process training (train.nproc > 1): torchrun and DistributedDataParallel around couplet.modelling.loop.
 
-How a run goes. `train_labeller` with train.nproc = N > 1 calls `launch_training`, which starts
+How a run goes. `train.train_labeller` with train.nproc = N > 1 calls `launch_training`, which starts
 
     python -m couplet.modelling.distributed launch --nproc-per-node N --standalone -- --build-dir B --model-dir M --config C
 
 as a subprocess and waits for it. That launcher is torchrun (`torch.distributed.run`, same options) whose
 workers run `python -m couplet.modelling.distributed worker ...`: each joins the process group (gloo on CPU, NCCL on
-CUDA, one GPU per local rank) and calls `train_labeller(..., ranks=Ranks())`. Rank 0 writes everything
+CUDA, one GPU per local rank) and runs the training loop, `loop.train_in_process(..., place=Ranks())`: `Ranks`
+is the loop's `Place` over the process group (loop.OneProcess is the one-process one). Rank 0 writes everything
 (checkpoints, model.safetensors, metrics.json, samples.md) and hands its summary back through a file. The
 single-process path (nproc 1) never imports this module nor starts a process group.
 
@@ -51,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from couplet.core.config import Config, load_config
+from couplet.modelling.step import pick_device
 
 log = logging.getLogger("couplet.modelling.train")
 SYNC_EVERY = 10  # steps between the ranks' agreements on stopping (and on the clock the schedule reads)
@@ -64,7 +66,7 @@ class DistributedTrainingError(RuntimeError):
 
 
 class Ranks:
-    """This process's place in the process group and the few collectives the training loop needs."""
+    """This process's place in the process group and the few collectives the training loop needs (a loop.Place)."""
 
     def __init__(self, sync_every: int = SYNC_EVERY):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -164,8 +166,6 @@ def launch_training(build_dir: Path, config: Config, model_dir: Path, *, progres
     if config.train.batch_size % nproc:
         raise ValueError(f"train.batch_size={config.train.batch_size} cannot be split over train.nproc={nproc} "
                          "processes: make it a multiple of nproc")
-    from couplet.modelling.train import pick_device
-
     if pick_device(config.train.device).type == "cuda":  # the device each rank will pick
         check_gpus_per_node(nproc)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def _worker(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from couplet.core.atomic import atomic_write_json
-    from couplet.modelling.train import pick_device, train_labeller
+    from couplet.modelling.loop import train_in_process  # here: the launcher (torchrun's agent) trains nothing
 
     ap = argparse.ArgumentParser(prog="python -m couplet.modelling.distributed worker")
     ap.add_argument("--build-dir", type=Path, required=True)
@@ -295,7 +295,7 @@ def _worker(argv: list[str]) -> int:
         logging.basicConfig(level=logging.INFO if ranks.is_main else logging.WARNING,
                             format=f"[rank {ranks.rank}] %(message)s" if not ranks.is_main else "%(message)s")
         try:
-            summary = train_labeller(args.build_dir, config, args.model_dir, progress=not args.no_progress, ranks=ranks)
+            summary = train_in_process(args.build_dir, config, args.model_dir, progress=not args.no_progress, place=ranks)
         except KeyboardInterrupt:
             return 128 + (ranks.interrupted or signal.SIGINT)
         except RuntimeError as exc:
