@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from couplet.core.catalog import BUILD_FILES, STAGE_MANIFEST
 from couplet.data.vocab import Vocab
 
 
@@ -24,7 +25,7 @@ def make_build_dir(
     build = Path(tmp_path) / name
     build.mkdir(parents=True)
     vocab = Vocab.from_counts(Counter("".join(up + down for up, down in pairs)), min_count=1)
-    vocab.save(build / "vocab.json")
+    vocab.save(build / BUILD_FILES.vocab)
     shards, counts = [], {}
     for split, rows in (("train", pairs), ("valid", valid_pairs), ("test", test_pairs)):
         counts[split] = len(rows)
@@ -38,12 +39,12 @@ def make_build_dir(
                 "up_ids": pa.array([vocab.encode(up) for up, _ in group], pa.list_(pa.int32())),
                 "down_ids": pa.array([vocab.encode(down) for _, down in group], pa.list_(pa.int32())),
             })
-            rel = f"{split}/len-{length:02d}.parquet"
+            rel = BUILD_FILES.shard(split, length)
             (build / split).mkdir(exist_ok=True)
             pq.write_table(table, build / rel)
             sha = hashlib.sha256((build / rel).read_bytes()).hexdigest()
             shards.append({"split": split, "length": length, "rows": len(group), "path": rel, "sha256": sha})
     key = hashlib.sha256(json.dumps([pairs, list(valid_pairs), list(test_pairs)], ensure_ascii=False).encode()).hexdigest()[:16]
     manifest = {"key": key, "dataset_version": "test", "vocab_size": len(vocab), "counts": counts, "shards": shards, "params": {}}
-    (build / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    (build / STAGE_MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
     return build

@@ -1,4 +1,4 @@
-import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -7,12 +7,13 @@ import pytest
 from conftest import snapshot
 from datagen import layout_files, make_pairs, write_tarball
 
+from couplet.core.catalog import BUILD_FILES, STAGE_MANIFEST
 from couplet.data import build as build_mod
-from couplet.data.build import pair_hash, run_build
+from couplet.data.batches import load_split
+from couplet.data.build import pair_hash, read_build_manifest, read_build_vocab, run_build
 from couplet.core.config import DataConfig
 from couplet.data.ingest import run_ingest
 from couplet.data.validate import run_validate
-from couplet.data.vocab import Vocab
 
 
 def _prepare(tmp_path, home, train, test, name="data.tar.gz", **cfg):
@@ -69,7 +70,11 @@ def test_splits_dedupe_vocab_and_shards(tmp_path, home):
     assert 0 < len(pairs["valid"]) < len(pairs["train"])
     assert result["counts"] == {s: len(p) for s, p in pairs.items()}
 
-    vocab = Vocab.load(Path(result["build_dir"]) / "vocab.json")
+    build_dir = Path(result["build_dir"])
+    assert sorted(p.relative_to(build_dir).as_posix() for p in build_dir.rglob("*") if p.is_file()) == sorted(
+        [BUILD_FILES.vocab, STAGE_MANIFEST, *(BUILD_FILES.shard(s["split"], s["length"]) for s in result["shards"])])
+    assert BUILD_FILES.shard("train", 7) == "train/len-07.parquet"
+    vocab = read_build_vocab(build_dir)
     assert vocab.itos[:2] == ["<pad>", "<unk>"]
     train_chars = {c for u, d in pairs["train"] for c in u + d}
     assert set(vocab.itos[2:]) <= train_chars
@@ -88,7 +93,7 @@ def test_min_count_and_unk(tmp_path, home):
     train = make_pairs(100) + [("奇字春风", "怪词秋雪")]
     validated, cfg = _prepare(tmp_path, home, train, make_pairs(5, seed=5), valid_fraction=0.0, min_count=2)
     result = run_build(validated, cfg, home)
-    vocab = Vocab.load(Path(result["build_dir"]) / "vocab.json")
+    vocab = read_build_vocab(result["build_dir"])
     assert "奇" not in vocab.stoi and vocab.encode("奇")[0] == 1
     assert all(vocab.counts[c] >= 2 for c in vocab.itos[2:])
 
@@ -133,4 +138,13 @@ def test_crash_leaves_previous_version_intact(tmp_path, home, monkeypatch):
         run_build(validated, cfg, home, force=True)
     assert snapshot(home / "data" / "processed") == before
     assert not [p for p in (home / "data" / "processed" / "build").iterdir() if p.name.startswith(".")]
-    assert json.loads((Path(first["build_dir"]) / "manifest.json").read_text())["key"] == first["key"]
+    assert read_build_manifest(first["build_dir"])["key"] == first["key"]
+
+
+def test_an_unfinished_build_folder_is_one_line_naming_it(tmp_path):
+    folder = tmp_path / "build" / "half"
+    folder.mkdir(parents=True)
+    (folder / BUILD_FILES.vocab).write_text("{}", encoding="utf-8")  # no manifest: the stage did not finish
+    for read in (read_build_manifest, lambda d: load_split(d, "train")):
+        with pytest.raises(FileNotFoundError, match=rf"^{re.escape(f'{folder}: no {STAGE_MANIFEST}')} \(not a finished stage folder\)$"):
+            read(folder)

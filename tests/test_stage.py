@@ -10,7 +10,7 @@ import pytest
 
 import couplet
 from couplet.core.catalog import STAGES
-from couplet.core.stage import code_version, damaged_output, module_closure, run_cached
+from couplet.core.stage import code_version, damaged_output, module_closure, read_stage_manifest, run_cached
 
 PACKAGE = Path(couplet.__file__).resolve().parent
 
@@ -156,6 +156,22 @@ def test_manifest_without_hashes_still_reuses(tmp_path):
         manifest.pop(field)
     (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")  # as an older version wrote it
     assert run_cached("build", "k", out, _producer(calls))["status"] == "cached"
+
+
+def test_stage_manifest_errors_are_one_line_naming_the_file(tmp_path):
+    out = tmp_path / "stage"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError) as missing:
+        read_stage_manifest(out)
+    assert str(missing.value) == f"{out}: no manifest.json (not a finished stage folder)"
+    for text, why in (('{"key": "k", "outp', "is unreadable: "), ("[1, 2]", "is not a stage manifest")):
+        (out / "manifest.json").write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError) as bad:
+            read_stage_manifest(out)
+        assert str(bad.value).startswith(f"{out / 'manifest.json'} {why}") and "\n" not in str(bad.value)
+    calls: list = []
+    assert run_cached("build", "k", out, _producer(calls))["status"] == "completed"  # an unreadable manifest: the stage runs
+    assert read_stage_manifest(out)["key"] == "k"
 
 
 def test_disk_full_is_one_line_and_leaves_the_cached_version(tmp_path):

@@ -7,9 +7,18 @@ import pytest
 from conftest import snapshot
 from datagen import layout_files, make_pairs, write_tarball
 
+from couplet.core.catalog import Catalog
 from couplet.core.config import DataConfig
 from couplet.data.ingest import run_ingest
-from couplet.data.validate import RULES, ValidationFailed, add_rule_columns, latest_report, rule_failures, run_validate
+from couplet.data.validate import (
+    RULES,
+    ValidationFailed,
+    add_rule_columns,
+    latest_report,
+    read_validation_index,
+    rule_failures,
+    run_validate,
+)
 
 ROWS = [
     ("春风入户", "秋月临窗", []),
@@ -119,3 +128,12 @@ def test_chunked_validation_gives_the_whole_batch_result(tmp_path, monkeypatch):
             assert many[key] == one[key], key
         assert many["gx"]["expectations"] == one["gx"]["expectations"]
         assert all(e["success"] for e in one["gx"]["expectations"]) == (case == "passes")
+
+
+def test_an_unreadable_validation_index_reads_as_no_runs(home):
+    index = Catalog(home).validation_index
+    index.parent.mkdir(parents=True)
+    for text in ("{half", '{"runs": 3}', "[]"):
+        index.write_text(text, encoding="utf-8")
+        assert read_validation_index(home) == {"runs": []}
+        assert latest_report(home) is None

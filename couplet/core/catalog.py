@@ -1,11 +1,19 @@
-"""Where everything lives: the stage list, the folders each stage writes under `$COUPLET_HOME`,
-and the layout of a model folder. The one place to read (or change) the on-disk layout.
+"""Where everything lives: the stage list, the folders each stage writes under `$COUPLET_HOME`, and
+the files in each. The one place to read (or change) the on-disk layout: stages take every folder
+from `Catalog` and every file name from the `*_FILES` constants below.
 
-    data/raw/<name>/<sha12>/                 ingest: the source, unchanged, with manifest.json
-    data/processed/<stage>/<key>/            ingest, validate, build: outputs + manifest.json
-    models/<run-id>/                         train (train.json) and evaluate (evaluation.json)
+    data/raw/<name>/sources.json             ingest: each URL's sha256 and HTTP validators (RAW_FILES)
+    data/raw/<name>/<sha12>/                 ingest: the source, unchanged (RAW_FILES)
+        manifest.json, source.tar.gz, extracted/…/{train,test}/{in,out}.txt   (DATASET_LAYOUT)
+    data/processed/<stage>/<key>/            ingest, validate, build: outputs + manifest.json (STAGE_MANIFEST)
+        ingest/<key>/pairs.parquet                                        (INGEST_FILES)
+        validate/<key>/passed.parquet, rejects.parquet, report.md         (VALIDATE_FILES)
+        build/<key>/vocab.json, {train,valid,test}/len-LL.parquet         (BUILD_FILES)
+    models/<run-id>/                         train (train.json) and evaluate (evaluation.json) (MODEL_FILES)
     models/registry.json                     champion/challenger decisions
-    reports/validation/<run>/, reports/gx/   data-quality reports and Great Expectations Data Docs
+    reports/validation/index.json            every validation run
+    reports/validation/<run>/                report.md, summary.json (+ rejects.parquet when it failed) (REPORT_FILES)
+    reports/gx/                              the Great Expectations project and its Data Docs
     .locks/                                  inter-process locks
 
 Records under the home (stage manifests, `train.json`, report summaries and index, the registry) name
@@ -31,6 +39,99 @@ PROBE_LINES = ("晚风摇树树还挺", "今天天气不错", "鱼跃此时海",
 # Where the layout under a home begins: an absolute path recorded under a home that is gone is re-anchored
 # onto the current home from the first of these it contains (see Catalog.resolve).
 LAYOUT_ROOTS = (("data", "raw"), ("data", "processed"), ("models",), ("reports",), (".locks",))
+
+
+STAGE_MANIFEST = "manifest.json"  # written last in each data stage's folder by core/stage.run_cached
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """The public dataset's layout: per split, `in.txt` (upper lines) and `out.txt` (lower lines)."""
+
+    splits: tuple[str, ...] = ("train", "test")
+    upper: str = "in.txt"
+    lower: str = "out.txt"
+
+    def upper_file(self, split: str) -> str:
+        return f"{split}/{self.upper}"
+
+    def lower_file(self, split: str) -> str:
+        return f"{split}/{self.lower}"
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file of the layout, relative to its folder: train/in.txt, train/out.txt, test/in.txt, test/out.txt."""
+        return tuple(name for split in self.splits for name in (self.upper_file(split), self.lower_file(split)))
+
+
+DATASET_LAYOUT = DatasetLayout()
+
+
+@dataclass(frozen=True)
+class RawFiles:
+    """The files of the raw layer: `data/raw/<name>/` (`sources`) and a dataset's `data/raw/<name>/<sha12>/`."""
+
+    sources: str = "sources.json"  # each URL ingested: the sha256 and ETag / Last-Modified of its last download
+    manifest: str = "manifest.json"  # source, sha256, layout folder, line counts
+    archive: str = "source.tar.gz"  # the archive as given (directory sources have none)
+    extracted: str = "extracted"  # the archive's contents
+    copied_layout: str = "extracted/couplet"  # where a directory source's layout files are copied
+
+    def dataset(self, sha256: str) -> str:
+        """The folder of the dataset with this content hash, in `data/raw/<name>/`."""
+        return sha256[:12]
+
+
+RAW_FILES = RawFiles()
+
+
+@dataclass(frozen=True)
+class IngestFiles:
+    """The files of `data/processed/ingest/<key>/` (and its STAGE_MANIFEST)."""
+
+    pairs: str = "pairs.parquet"  # split, line_no, up, down
+
+
+INGEST_FILES = IngestFiles()
+
+
+@dataclass(frozen=True)
+class ValidateFiles:
+    """The files of `data/processed/validate/<key>/` (and its STAGE_MANIFEST)."""
+
+    passed: str = "passed.parquet"  # the rows that break no rule
+    rejects: str = "rejects.parquet"  # the rows that break one, with the rules they broke
+    report: str = "report.md"
+
+
+VALIDATE_FILES = ValidateFiles()
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The files of a validation run's report folder `reports/validation/<run>/`."""
+
+    report: str = "report.md"
+    summary: str = "summary.json"
+    rejects: str = "rejects.parquet"  # only when the batch failed: the failing rows, for inspection
+
+
+REPORT_FILES = ReportFiles()
+
+
+@dataclass(frozen=True)
+class BuildFiles:
+    """The files of `data/processed/build/<key>/`: the vocabulary, one shard per split and line length, and
+    the STAGE_MANIFEST that lists the shards (read by `couplet.data.build.read_build_manifest`)."""
+
+    vocab: str = "vocab.json"
+
+    def shard(self, split: str, length: int) -> str:
+        """A shard's path relative to the build folder: `train/len-07.parquet`."""
+        return f"{split}/len-{length:02d}.parquet"
+
+
+BUILD_FILES = BuildFiles()
 
 
 @dataclass(frozen=True)
@@ -103,11 +204,16 @@ class Catalog:
 
     @property
     def reports_dir(self) -> Path:
-        return self.home / "reports"  # also the Great Expectations project root (reports/gx/)
+        return self.home / "reports"
+
+    @property
+    def gx_project_root(self) -> Path:
+        """The Great Expectations project root: GX keeps its suites, results and Data Docs in gx/ under it."""
+        return self.reports_dir
 
     @property
     def data_docs_index(self) -> Path:
-        return self.reports_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        return self.gx_project_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
 
     def validation_report_dir(self, run_id: str) -> Path:
         return self.reports_dir / "validation" / run_id

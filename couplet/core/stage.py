@@ -22,17 +22,17 @@ import ast
 import errno
 import functools
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from couplet.core.atomic import atomic_directory, atomic_write_json, read_json
-from couplet.core.catalog import STAGE_MODULES, STAGES
+from couplet.core.atomic import atomic_directory, atomic_write_json
+from couplet.core.catalog import STAGE_MANIFEST, STAGE_MODULES, STAGES
 
 log = logging.getLogger("couplet.core.stage")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the couplet/ folder
-MANIFEST = "manifest.json"
 
 
 def hash_parts(*parts: object) -> str:
@@ -115,6 +115,22 @@ def _parquet_footer_error(path: Path) -> str | None:
     return None
 
 
+def read_stage_manifest(folder: str | Path, name: str = STAGE_MANIFEST) -> dict:
+    """The manifest a stage wrote last in `folder` (`name`: STAGE_MANIFEST, or a model folder's train.json /
+    evaluation.json). The one reader of stage manifests: FileNotFoundError when there is none, ValueError
+    when it is not a JSON object, each one line naming the file."""
+    path = Path(folder) / name
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {name} (not a finished stage folder)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable: {' '.join(str(exc).split())[:120]}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a stage manifest (expected a JSON object)")
+    return manifest
+
+
 def damaged_output(folder: Path, manifest: dict) -> str | None:
     """Why the outputs a manifest lists cannot be trusted, or None when they can.
 
@@ -156,7 +172,7 @@ def run_cached(
     produce: Callable[[Path], dict],
     *,
     force: bool = False,
-    manifest_name: str = MANIFEST,
+    manifest_name: str = STAGE_MANIFEST,
     outputs: Iterable[str] | None = None,
     in_place: bool = False,
     started: float | None = None,
@@ -170,7 +186,10 @@ def run_cached(
     (`completed` or `cached`) and `seconds`.
     """
     started = time.perf_counter() if started is None else started
-    manifest = read_json(out_dir / manifest_name)
+    try:
+        manifest = read_stage_manifest(out_dir, manifest_name)
+    except (OSError, ValueError):
+        manifest = {}  # none yet, or unreadable: the stage runs
     if not force and manifest.get("key") == key:
         damage = damaged_output(out_dir, manifest)
         if damage is None:

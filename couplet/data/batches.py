@@ -1,13 +1,12 @@
 """Training data: read a build directory's length shards and serve equal-length batches.
 
-A build directory (docs/design.md, "Build output") holds `manifest.json`, `vocab.json` and one Parquet
-shard per (split, length) with `up_ids` / `down_ids` list<int32> columns. Every batch holds couplets of a
+A build directory (docs/design.md, "Build output"; its file names: `catalog.BUILD_FILES`) holds its
+manifest, the vocabulary and one Parquet shard per (split, length) with `up_ids` / `down_ids` list<int32> columns. Every batch holds couplets of a
 single length, so no padding is ever needed in training.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,14 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from couplet.data.build import read_build_manifest
+
 Buckets = dict[int, tuple[np.ndarray, np.ndarray]]  # length -> (up_ids (N, L) int64, down_ids (N, L) int64)
-
-
-def read_manifest(build_dir: str | Path) -> dict:
-    path = Path(build_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{build_dir}: no manifest.json (not a finished build directory)")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _ids_matrix(column, rows: int, length: int, where: str) -> np.ndarray:
@@ -41,7 +35,7 @@ def load_split(build_dir: str | Path, split: str, max_len: int | None = None) ->
     """
     build_dir = Path(build_dir)
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for shard in read_manifest(build_dir)["shards"]:
+    for shard in read_build_manifest(build_dir)["shards"]:
         length = int(shard["length"])
         if shard["split"] != split or (max_len is not None and length > max_len):
             continue

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -22,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from couplet.core.catalog import Catalog
+from couplet.core.catalog import BUILD_FILES, Catalog
 from couplet.core.config import DataConfig
-from couplet.core.stage import file_sha256, run_cached, stage_key
+from couplet.core.stage import file_sha256, read_stage_manifest, run_cached, stage_key
 from couplet.data.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
 from couplet.data.vocab import Vocab
 
@@ -242,11 +241,11 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
 
         # round 3: encode and write each shard, a batch at a time
         shards, counts, lengths, unk = [], {s: 0 for s in SPLITS}, {s: {} for s in SPLITS}, {s: 0 for s in SPLITS}
-        vocab.save(folder / "vocab.json")
+        vocab.save(folder / BUILD_FILES.vocab)
         for split in SPLITS:
             (folder / split).mkdir()
         for split, length in shards_spilled:
-            rel = f"{split}/len-{length:02d}.parquet"
+            rel = BUILD_FILES.shard(split, length)
             n = 0
             with RowGroupWriter(folder / rel, SHARD_SCHEMA, row_group_size=ROW_GROUP, combine=True) as writer:
                 for batch in by_shard.batches((split, length)):
@@ -275,10 +274,21 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
     }
 
 
+def read_build_manifest(build_dir: str | Path) -> dict:
+    """A build folder's manifest: its key, vocabulary size, counts and `shards` (split, length, rows, path).
+    FileNotFoundError when the folder is not a finished build, one line naming it."""
+    return read_stage_manifest(build_dir)
+
+
+def read_build_vocab(build_dir: str | Path) -> Vocab:
+    """The vocabulary a build's shards are encoded with."""
+    return Vocab.load(Path(build_dir) / BUILD_FILES.vocab)
+
+
 def read_split_text(build_dir: str | Path, split: str) -> tuple[list[str], list[str]]:
     """Upper and lower lines of one split of a build, shard by shard in length order."""
     build_dir = Path(build_dir)
-    manifest = json.loads((build_dir / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_build_manifest(build_dir)
     uppers: list[str] = []
     lowers: list[str] = []
     for shard in sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["length"]):

@@ -59,7 +59,7 @@ class SuiteRun:
 
         self.home = home
         self.run_name = run_name
-        self.context = context = gx.get_context(mode="file", project_root_dir=str(Catalog(home).reports_dir))
+        self.context = context = gx.get_context(mode="file", project_root_dir=str(Catalog(home).gx_project_root))
         if context.variables.progress_bars is None:
             context.variables.progress_bars = ProgressBarsConfig(globally=False)
             context.variables.save()

@@ -12,7 +12,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from couplet.core.catalog import Catalog
+from couplet.core.catalog import DATASET_LAYOUT, INGEST_FILES, Catalog
 from couplet.core.config import DataConfig
 from couplet.data.raw import SPLITS, IngestError, fetch_raw
 from couplet.core.stage import run_cached, stage_key
@@ -90,8 +90,8 @@ def iter_pairs(layout_dir: Path, batch_lines: int = BATCH_LINES) -> Iterator[pa.
     in its out.txt, then in/out line counts that differ.
     """
     for split in SPLITS:
-        up_path, down_path = layout_dir / split / "in.txt", layout_dir / split / "out.txt"
-        up_label, down_label = f"{split}/in.txt", f"{split}/out.txt"
+        up_label, down_label = DATASET_LAYOUT.upper_file(split), DATASET_LAYOUT.lower_file(split)
+        up_path, down_path = layout_dir / up_label, layout_dir / down_label
         ups, downs = _line_batches(up_path, up_label, batch_lines), _line_batches(down_path, down_label, batch_lines)
         line_no = 0
         while True:
@@ -105,7 +105,7 @@ def iter_pairs(layout_dir: Path, batch_lines: int = BATCH_LINES) -> Iterator[pa.
                 break
             if up is None or down is None or len(up) != len(down):
                 n_up, n_down = count_lines(up_path, up_label), count_lines(down_path, down_label)
-                raise IngestError(f"{split}/in.txt has {n_up} lines but {split}/out.txt has {n_down}")
+                raise IngestError(f"{up_label} has {n_up} lines but {down_label} has {n_down}")
             n = len(up)
             yield pa.table(
                 {
@@ -150,7 +150,7 @@ def run_ingest(cfg: DataConfig, home: Path, force: bool = False, progress: bool 
     out_dir = catalog.stage_dir("ingest", key)
 
     def produce(folder: Path) -> dict:
-        rows_per_split = write_pairs(raw.layout_dir, folder / "pairs.parquet")
+        rows_per_split = write_pairs(raw.layout_dir, folder / INGEST_FILES.pairs)
         return {
             "dataset_version": raw.sha256[:12],
             "raw_sha256": raw.sha256,
@@ -160,7 +160,7 @@ def run_ingest(cfg: DataConfig, home: Path, force: bool = False, progress: bool 
             "rows": sum(rows_per_split.values()),
             "rows_per_split": rows_per_split,
             "line_counts": raw.manifest["line_counts"],
-            "pairs_path": catalog.relative(out_dir / "pairs.parquet"),
+            "pairs_path": catalog.relative(out_dir / INGEST_FILES.pairs),
         }
 
     # the manifest names paths relative to the home; the caller gets them under the current home

@@ -4,7 +4,8 @@ A source is an http(s) URL, a local `.tar.gz`, or a local directory in the publi
 (`couplet/train/in.txt`, `couplet/train/out.txt`, `couplet/test/in.txt`, `couplet/test/out.txt`).
 Downloads stream with timeouts and retries and repeat as a conditional GET (ETag / Last-Modified);
 archives are extracted safely (no absolute paths, `..`, links or devices). The folder keeps the
-archive, its extraction and a manifest; the same bytes again are neither downloaded nor extracted twice.
+archive, its extraction and a manifest (their names: `catalog.RAW_FILES`); the same bytes again are
+neither downloaded nor extracted twice.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from couplet.core.atomic import atomic_directory, atomic_write_json, read_json
-from couplet.core.catalog import Catalog
+from couplet.core.catalog import DATASET_LAYOUT, RAW_FILES, Catalog
 from couplet.core.config import DataConfig
 from couplet.core.locks import hold_lock
 from couplet.core.stage import code_version
 
-SPLITS = ("train", "test")
-LAYOUT_FILES = tuple(f"{split}/{side}.txt" for split in SPLITS for side in ("in", "out"))
+SPLITS = DATASET_LAYOUT.splits
+LAYOUT_FILES = DATASET_LAYOUT.files
 CHUNK = 1 << 20
 log = logging.getLogger("couplet.data.raw")
 
@@ -78,10 +79,6 @@ def find_layout(directory: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- download
-
-
-def _sources_index(raw_name_dir: Path) -> Path:
-    return raw_name_dir / "sources.json"
 
 
 LOCAL_COPY_HINT = (
@@ -210,9 +207,15 @@ def _raw_manifest(source: str, sha256: str, size: int, layout_dir: Path, root: P
     }
 
 
+def read_raw_manifest(root: Path) -> dict:
+    """The manifest of a raw dataset folder `data/raw/<name>/<sha12>/` ({} when it is missing or unreadable:
+    the dataset is not there)."""
+    return read_json(root / RAW_FILES.manifest)
+
+
 def _existing_raw(raw_name_dir: Path, sha256: str) -> RawDataset | None:
-    root = raw_name_dir / sha256[:12]
-    manifest = read_json(root / "manifest.json")
+    root = raw_name_dir / RAW_FILES.dataset(sha256)
+    manifest = read_raw_manifest(root)
     if manifest.get("sha256") != sha256:
         return None
     layout_dir = root / manifest["layout"]
@@ -222,31 +225,31 @@ def _existing_raw(raw_name_dir: Path, sha256: str) -> RawDataset | None:
 
 
 def _store_archive(raw_name_dir: Path, archive: Path, sha256: str, source: str, keep_copy: bool) -> RawDataset:
-    root = raw_name_dir / sha256[:12]
+    root = raw_name_dir / RAW_FILES.dataset(sha256)
     with atomic_directory(root) as tmp:
-        extracted = tmp / "extracted"
+        extracted = tmp / RAW_FILES.extracted
         extracted.mkdir()
         safe_extract(archive, extracted)
         layout_dir = find_layout(extracted)
         if keep_copy:
-            shutil.copyfile(archive, tmp / "source.tar.gz")
+            shutil.copyfile(archive, tmp / RAW_FILES.archive)
         else:
-            os.replace(archive, tmp / "source.tar.gz")
-        manifest = _raw_manifest(source, sha256, (tmp / "source.tar.gz").stat().st_size, layout_dir, tmp)
-        atomic_write_json(tmp / "manifest.json", manifest)
+            os.replace(archive, tmp / RAW_FILES.archive)
+        manifest = _raw_manifest(source, sha256, (tmp / RAW_FILES.archive).stat().st_size, layout_dir, tmp)
+        atomic_write_json(tmp / RAW_FILES.manifest, manifest)
     return RawDataset(root=root, layout_dir=root / manifest["layout"], sha256=sha256, manifest=manifest)
 
 
 def _store_directory(raw_name_dir: Path, layout_src: Path, sha256: str, source: str) -> RawDataset:
-    root = raw_name_dir / sha256[:12]
+    root = raw_name_dir / RAW_FILES.dataset(sha256)
     with atomic_directory(root) as tmp:
-        layout_dir = tmp / "extracted" / "couplet"
+        layout_dir = tmp / RAW_FILES.copied_layout
         for rel in LAYOUT_FILES:
             (layout_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(layout_src / rel, layout_dir / rel)
         size = sum((layout_dir / rel).stat().st_size for rel in LAYOUT_FILES)
         manifest = _raw_manifest(source, sha256, size, layout_dir, tmp)
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / RAW_FILES.manifest, manifest)
     return RawDataset(root=root, layout_dir=root / manifest["layout"], sha256=sha256, manifest=manifest)
 
 
@@ -256,8 +259,8 @@ def _kept_copy(raw_name_dir: Path, source: str, expected: str | None) -> RawData
     if expected:  # the bytes are pinned: whichever path they came from
         return _existing_raw(raw_name_dir, expected)
     copies = []
-    for manifest_path in raw_name_dir.glob("*/manifest.json"):
-        manifest = read_json(manifest_path)
+    for manifest_path in raw_name_dir.glob(f"*/{RAW_FILES.manifest}"):
+        manifest = read_raw_manifest(manifest_path.parent)
         if manifest.get("source") == source and (hit := _existing_raw(raw_name_dir, manifest.get("sha256", ""))) is not None:
             copies.append((manifest.get("ingested_at", ""), hit.root.name, hit))
     return max(copies, key=lambda c: c[:2])[2] if copies else None
@@ -271,7 +274,7 @@ def fetch_raw(cfg: DataConfig, home: Path, progress: bool = True) -> tuple[RawDa
     expected = cfg.sha256.lower() if cfg.sha256 else None
 
     if is_url(source):
-        index_path = _sources_index(raw_name_dir)
+        index_path = raw_name_dir / RAW_FILES.sources
         index = read_json(index_path)
         known = index.get(source)
         if expected and (hit := _existing_raw(raw_name_dir, expected)):

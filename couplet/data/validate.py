@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from couplet.core.atomic import atomic_write_json, atomic_write_text
-from couplet.core.catalog import Catalog
+from couplet.core.catalog import DATASET_LAYOUT, REPORT_FILES, VALIDATE_FILES, Catalog
 from couplet.core.config import DataConfig
 from couplet.data.expectations import SuiteRun, suite_version
 from couplet.core.locks import hold_lock
@@ -160,15 +160,20 @@ def _markdown_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def read_validation_index(home: Path) -> dict:
+    """`reports/validation/index.json`: {"runs": [entry, ...]}, oldest first (no runs when it is missing or unreadable)."""
+    try:
+        index = json.loads(Catalog(home).validation_index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"runs": []}
+    return index if isinstance(index, dict) and isinstance(index.get("runs"), list) else {"runs": []}
+
+
 def _register_report(home: Path, entry: dict) -> None:
-    index_path = Catalog(home).validation_index
     with hold_lock(home, "reports/validation-index"):
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            index = {"runs": []}
+        index = read_validation_index(home)
         index["runs"].append(entry)
-        atomic_write_json(index_path, index)
+        atomic_write_json(Catalog(home).validation_index, index)
 
 
 def check_partition(chunk: pa.Table, max_len: int) -> dict:
@@ -257,7 +262,8 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
     catalog = Catalog(home)
     pairs_path = catalog.resolve(ingest["pairs_path"])
     line_counts = ingest.get("line_counts", {})
-    counts_equal = all(line_counts.get(f"{s}/in.txt") == line_counts.get(f"{s}/out.txt") for s in ("train", "test"))
+    counts_equal = all(line_counts.get(DATASET_LAYOUT.upper_file(s)) == line_counts.get(DATASET_LAYOUT.lower_file(s))
+                       for s in DATASET_LAYOUT.splits)
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{key[:8]}"
     spill_dir = folder / ".pairs-by-hash"
@@ -269,8 +275,8 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
         spill = HashSpill(spill_dir, -(-parquet_rows(pairs_path) // SPILL_ROWS), ["up", "down"])
         with hold_lock(home, "reports/gx"):  # the GX project files are shared by concurrent runs
             suite_run = SuiteRun(home, gx_parameters(cfg), run_name=run_id)
-            with RowGroupWriter(folder / "passed.parquet", PASSED_SCHEMA) as passed_out, \
-                    RowGroupWriter(folder / "rejects.parquet", REJECTS_SCHEMA) as rejects_out:
+            with RowGroupWriter(folder / VALIDATE_FILES.passed, PASSED_SCHEMA) as passed_out, \
+                    RowGroupWriter(folder / VALIDATE_FILES.rejects, REJECTS_SCHEMA) as rejects_out:
                 for window in _windows(read_batches(pairs_path, PAIR_COLUMNS, CHUNK_ROWS), WINDOW):
                     calls = [(chunk, cfg.max_len) for _, chunk in window]
                     parts = partitions(check_partition, calls) if partitions is not None else [check_partition(*c) for c in calls]
@@ -336,26 +342,26 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
         "line_counts": line_counts,
         "gx": gx_record,  # paths in records are relative to the home (Catalog.relative)
         "report_dir": catalog.relative(report_dir),
-        "report_path": catalog.relative(report_dir / "report.md"),
+        "report_path": catalog.relative(report_dir / REPORT_FILES.report),
     }
     report_md = _markdown_report(summary)
     report_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(report_dir / "report.md", report_md)
-    atomic_write_json(report_dir / "summary.json", summary)
+    atomic_write_text(report_dir / REPORT_FILES.report, report_md)
+    atomic_write_json(report_dir / REPORT_FILES.summary, summary)
     if reasons:  # the failing rows, for inspection (copied, then renamed into place)
         partial = report_dir / f".rejects-{os.getpid()}.parquet"
-        shutil.copyfile(folder / "rejects.parquet", partial)
-        os.replace(partial, report_dir / "rejects.parquet")
+        shutil.copyfile(folder / VALIDATE_FILES.rejects, partial)
+        os.replace(partial, report_dir / REPORT_FILES.rejects)
     _register_report(home, {k: summary[k] for k in ("run_id", "key", "flow_run_id", "dataset_version", "created_at", "success", "report_dir")}
                      | {"data_docs_page": gx_record.get("data_docs_page")})
     if reasons:
         raise ValidationFailed(
-            f"validation failed: {summary['reason']} (report: {report_dir / 'report.md'})",
+            f"validation failed: {summary['reason']} (report: {report_dir / REPORT_FILES.report})",
             report_md=report_md,
             data_docs_page=gx_result.get("data_docs_page"),
         )
 
-    atomic_write_text(folder / "report.md", report_md)
+    atomic_write_text(folder / VALIDATE_FILES.report, report_md)
     return {
         "dataset_version": ingest["dataset_version"],
         "ingest_key": ingest["key"],
@@ -364,8 +370,8 @@ def _validate_into(folder: Path, out_dir: Path, key: str, ingest: dict, cfg: Dat
         "rejected": rejected,
         "rejects_per_rule": per_rule,
         "duplicate_rate": summary["duplicate_rate"],
-        "passed_path": catalog.relative(out_dir / "passed.parquet"),
-        "rejects_path": catalog.relative(out_dir / "rejects.parquet"),
+        "passed_path": catalog.relative(out_dir / VALIDATE_FILES.passed),
+        "rejects_path": catalog.relative(out_dir / VALIDATE_FILES.rejects),
         "report_path": summary["report_path"],
         "data_docs_page": gx_record.get("data_docs_page"),
         "params": {"max_len": cfg.max_len, "max_reject_rate": cfg.max_reject_rate, "suite_version": suite_version()},
@@ -376,10 +382,7 @@ def latest_report(home: Path, run: str | None = None) -> dict | None:
     """The index entry of the newest validation report, or of the run whose id/flow-run id starts with `run`,
     with `report_dir` and `data_docs_page` (a file:// URL) under the current home."""
     catalog = Catalog(home)
-    try:
-        runs = json.loads(catalog.validation_index.read_text(encoding="utf-8"))["runs"]
-    except (OSError, ValueError, KeyError):
-        return None
+    runs = read_validation_index(home)["runs"]
     if run:
         runs = [r for r in runs if r["run_id"].startswith(run) or (r.get("flow_run_id") or "").startswith(run) or r["key"].startswith(run)]
     if not runs:

@@ -33,6 +33,7 @@ import numpy as np
 
 from couplet.core.config import Config
 from couplet.data.batches import load_split
+from couplet.data.build import read_build_vocab
 from couplet.predictor import Predictor
 from couplet.data.punct import is_punct
 from couplet.data.vocab import PAD, UNK, Vocab
@@ -56,9 +57,8 @@ class DictionaryBaseline(Predictor):
 
     @classmethod
     def from_build(cls, build_dir: str | Path, config: Config | None = None) -> "DictionaryBaseline":
-        """Count the aligned character pairs of `build_dir`'s train shards (ids of its vocab.json)."""
-        build_dir = Path(build_dir)
-        vocab = Vocab.load(build_dir / "vocab.json")
+        """Count the aligned character pairs of `build_dir`'s train shards (ids of its vocabulary)."""
+        vocab = read_build_vocab(build_dir)
         size = len(vocab)
         buckets = load_split(build_dir, "train").values()
         up = np.concatenate([u.ravel() for u, _ in buckets]) if buckets else np.zeros(0, np.int64)
