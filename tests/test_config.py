@@ -161,3 +161,44 @@ def test_new_fields_refuse_bad_values_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         apply_overrides(Config(), [override])
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- the rules each field declares
+
+
+def test_former_defaults_fill_only_what_an_old_config_json_lacks():
+    from couplet.core.config import with_former_defaults
+
+    old = {"model": {"embed_dim": 16}, "train": {"ema_decay": 0.9}, "decode": {}, "vocab_size": 50}
+    filled = with_former_defaults(old)
+    assert filled["model"] == {"kind": "gated_cnn", "embed_dim": 16}
+    assert filled["train"] == {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": 0.9, "max_minutes": None}
+    assert filled["decode"] == {"lm_weight": 0.0} and filled["vocab_size"] == 50
+    assert "data" not in filled and old["model"] == {"embed_dim": 16}  # no section invented, the input untouched
+    assert config_from_dict(with_former_defaults(Config().to_dict())) == Config()  # a complete config keeps its values
+
+
+def test_the_fields_that_may_change_on_resume_are_declared_on_the_fields():
+    from couplet.core.config import may_change_on_resume
+
+    assert may_change_on_resume("train") == {"epochs", "max_steps", "checkpoint_every", "num_threads", "patience", "nproc"}
+    assert may_change_on_resume("model") == frozenset()
+
+
+def test_the_resume_check_follows_the_declarations():
+    from couplet.modelling.checkpoint import run_fingerprint
+
+    config = Config()
+    same = run_fingerprint(config, 10, "k")
+    assert set(same) == {"model", "train", "vocab_size", "build_key"} and "epochs" not in same["train"]
+    assert run_fingerprint(replace(config, "train", epochs=3, patience=9, num_threads=1), 10, "k") == same
+    assert run_fingerprint(replace(config, "train", lr=0.5), 10, "k") != same
+    assert run_fingerprint(replace(config, "model", n_blocks=2), 10, "k") != same
+    assert run_fingerprint(replace(config, "decode", lm_weight=1.0), 10, "k") == same  # decoding never binds a checkpoint
+
+
+def test_a_setting_keeps_its_constraints():
+    with pytest.raises(ConfigError, match=r"^train\.warmup_steps: .*greater than or equal to 0"):
+        apply_overrides(Config(), ["train.warmup_steps=-1"])
+    with pytest.raises(ConfigError, match=r"^train\.nproc: .*greater than or equal to 1"):
+        apply_overrides(Config(), ["train.nproc=0"])

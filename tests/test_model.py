@@ -261,11 +261,11 @@ def test_a_folder_records_the_kind_of_its_weights(tmp_path):
 
 def test_each_kind_saves_and_loads_with_its_kind(tmp_path):
     from couplet.core.config import replace
-    from couplet.modelling.model import MODEL_KINDS, build_labeller
+    from couplet.modelling.model import LABELLERS, build_labeller
 
     vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
     ids = torch.tensor([vocab.encode(PAIRS[0][0])])
-    for kind, cls in MODEL_KINDS.items():
+    for kind, cls in LABELLERS.items():
         config = replace(Config(model=SMALL), "model", kind=kind)
         model = build_labeller(len(vocab), config.model).eval()
         save_labeller(model, vocab, config, tmp_path / kind)
@@ -293,3 +293,13 @@ def test_unknown_kind_is_a_one_line_config_error():
 
     with pytest.raises(ConfigError, match=r"^model\.kind: .*gated_cnn.*refine"):
         apply_overrides(Config(), ["model.kind=lstm"])
+
+
+def test_every_configurable_kind_has_its_labeller_class():
+    from couplet.core.config import MODEL_KINDS, ModelConfig
+    from couplet.modelling.model import LABELLERS, build_labeller
+
+    assert tuple(LABELLERS) == MODEL_KINDS  # config.py names the kinds; model.py refuses to import otherwise
+    for kind in MODEL_KINDS:
+        model = build_labeller(10, ModelConfig(kind=kind, embed_dim=8, attn_heads=2))
+        assert type(model) is LABELLERS[kind] and model.kind == kind

@@ -4,6 +4,10 @@
 from YAML (`load_config`) and takes dotted `key=value` overrides (`apply_overrides`, the syntax of
 `couplet run --set`). A misspelt key or a value of the wrong type is a one-line `ConfigError` naming it.
 Change a value with `replace(config, "train", max_steps=300)`.
+
+A field's rules live on the field, here: `setting(default, former=..., on_resume=...)` says what an old model folder
+lacking it meant and whether a checkpoint survives a change of it; the model loader and the resume check read them.
+Adding a field is a change to this file plus its use; a new `ModelKind` also needs its class in couplet/modelling/model.py.
 """
 
 from __future__ import annotations
@@ -23,6 +27,22 @@ DEFAULT_SOURCE = "https://github.com/wb14123/couplet-dataset/releases/download/1
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
+
+
+_NO_FORMER = object()
+
+
+def setting(default: Any, *, former: Any = _NO_FORMER, on_resume: Literal["fixed", "may change"] = "fixed", **constraints: Any) -> Any:
+    """A field with its default and its rules across versions and resumes (pydantic `Field` constraints pass through).
+
+    `former`: the value a model folder's config.json that lacks the field meant (a folder written before the field
+    existed was made with the former behaviour); declared where `default` is not, or may not stay, that behaviour.
+    Read by `with_former_defaults`. `on_resume="may change"` (read by `may_change_on_resume`): a
+    model or train field that changes how long or how a run goes, not its trajectory, so a checkpoint stays
+    valid across it (other sections never bind a checkpoint).
+    """
+    rules = {"on_resume": on_resume} | ({} if former is _NO_FORMER else {"former": former})
+    return Field(default=default, json_schema_extra=rules, **constraints)
 
 
 def _base_type(annotation: Any) -> Any:
@@ -58,12 +78,17 @@ class DataConfig(_Section):
     retries: int = 3  # HTTP attempts before giving up
 
 
+# the labeller kinds, each a class in couplet/modelling/model.py (LABELLERS)
+ModelKind = Literal["gated_cnn", "refine", "attention"]
+MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
+
+
 class ModelConfig(_Section):
     # gated_cnn: the seed's labeller. refine: the same, then `refine_blocks` more gated blocks that relabel each
     # position seeing the first pass's own answer (see couplet/modelling/model.py and docs/design.md)
     # attention: the same, then `attn_layers` bidirectional self-attention layers over the whole line
     # Default: attention, the lowest valid loss of the 45-minute ablation (docs/benchmarks.md); configs/seed.yaml: gated_cnn
-    kind: Literal["gated_cnn", "refine", "attention"] = "attention"
+    kind: ModelKind = setting("attention", former="gated_cnn")
     embed_dim: int = 128  # the seed's character embedding size
     n_blocks: int = 6  # residual gated conv blocks (seed: 6)
     kernel_size: int = 3  # 'same' padding keeps the line length
@@ -81,30 +106,30 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    epochs: int = setting(10, on_resume="may change")
+    max_steps: int | None = setting(None, on_resume="may change")  # stop after this many optimiser steps (overrides epochs)
     # stop after this much time in training steps (a budget), keeping the best weights; 45 fits the default
     # (10 epochs of poetry-couplets need ~37 min on 2 AVX2 cores) and ends a slower machine's run in time
-    max_minutes: float | None = Field(default=45.0, gt=0)
+    max_minutes: float | None = setting(45.0, former=None, gt=0)
     batch_size: int = 64  # couplets of one length per batch (seed: 64)
     lr: float = 1e-3  # Adam
     # constant (the seed) or cosine: linear warm-up over warmup_steps, then cosine decay to 0 at the end of the
     # run (the end being epochs/max_steps, or max_minutes when that comes first). Default: cosine, warm-up 500
     # (at most a tenth of the run) and the weights' moving average, which won the budgeted ablation (docs/benchmarks.md)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = Field(default=500, ge=0)
-    ema_decay: float | None = Field(default=0.999, gt=0, lt=1)  # validate and keep an exponential moving average of the weights (decay warmed up, see train.ema_update)
+    lr_schedule: Literal["constant", "cosine"] = setting("cosine", former="constant")
+    warmup_steps: int = setting(500, former=0, ge=0)
+    ema_decay: float | None = setting(0.999, former=None, gt=0, lt=1)  # validate and keep an exponential moving average of the weights (decay warmed up, see train.ema_update)
     max_len: int = 16  # the seed drops couplets longer than 16 characters from training
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    checkpoint_every: int = 500  # steps between resumable checkpoints
+    checkpoint_every: int = setting(500, on_resume="may change")  # steps between resumable checkpoints
     eval_every: int | None = None  # steps between validation passes; None = once per epoch
-    patience: int = 3  # validation passes without improvement before early stopping
-    num_threads: int | None = None  # torch CPU threads; None = torch default
+    patience: int = setting(3, on_resume="may change")  # validation passes without improvement before early stopping
+    num_threads: int | None = setting(None, on_resume="may change")  # torch CPU threads; None = torch default
     # processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL with one GPU each); each global batch of
     # batch_size is split across them, so batch_size must be a multiple of nproc. 1 = one process, no process
     # group, couplet.modelling.distributed never loaded (couplet/modelling/distributed.py, docs/operate.md "Training on several processes, GPUs or machines")
-    nproc: int = Field(default=1, ge=1)
+    nproc: int = setting(1, on_resume="may change", ge=1)  # a checkpoint holds the global batch position
     compile: bool = False  # torch.compile the model (CUDA)
     # bf16 autocast on CPU too (fp32 weights): ~1.4x faster steps on CPUs with native bf16 (AVX512-BF16/AMX),
     # ~30x slower on AVX2-only ones; "auto" turns it on only where the CPU has it
@@ -116,7 +141,7 @@ class DecodeConfig(_Section):
     tone: bool = False  # also require the lower line to end in a level (平) tone
     # shallow fusion of the lower-line bigram LM trained with the model: score = model + lm_weight * LM, searched
     # by beam over positions (couplet/decoding/beam.py); 0 = off, the exact k-best search of couplet/decoding/decode.py
-    lm_weight: float = Field(default=0.0, ge=0)
+    lm_weight: float = setting(0.0, former=0.0, ge=0)
     beam_size: int = Field(default=8, ge=1)  # beam width when lm_weight > 0
 
 
@@ -151,6 +176,26 @@ class Config(BaseModel):
 
 SECTIONS: dict[str, type[_Section]] = {name: field.annotation for name, field in Config.model_fields.items()}
 _EXPECTED = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+
+
+def _rules(section: str) -> dict[str, dict[str, Any]]:
+    """{field: its `setting` rules} of a section; a plain field has none."""
+    return {name: field.json_schema_extra or {} for name, field in SECTIONS[section].model_fields.items()}  # type: ignore[misc]
+
+
+def with_former_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a model folder's config.json) with each field it lacks set to the field's `former` value."""
+    filled = dict(raw)
+    for name in SECTIONS:
+        if isinstance(raw.get(name), dict):
+            formers = {key: rules["former"] for key, rules in _rules(name).items() if "former" in rules}
+            filled[name] = {**formers, **raw[name]}
+    return filled
+
+
+def may_change_on_resume(section: str) -> frozenset[str]:
+    """The fields of `section` declared `on_resume="may change"`: a checkpoint stays valid across them."""
+    return frozenset(key for key, rules in _rules(section).items() if rules.get("on_resume") == "may change")
 
 
 def _expected(annotation: Any) -> str | None:

@@ -17,12 +17,9 @@ from pathlib import Path
 import torch
 
 from couplet.core.atomic import atomic_path
-from couplet.core.config import Config
+from couplet.core.config import Config, may_change_on_resume
 
 log = logging.getLogger("couplet.modelling.train")
-# train fields that change how long a run goes, or how it is run, not its trajectory: a checkpoint stays valid
-# across them (a checkpoint holds the global batch position, so a run resumes with any number of processes)
-RUN_LENGTH_FIELDS = ("epochs", "max_steps", "checkpoint_every", "num_threads", "patience", "nproc")
 
 
 @dataclass
@@ -71,9 +68,11 @@ class TrainState:
 
 
 def run_fingerprint(config: Config, vocab_size: int, build_key: str | None) -> dict:
-    """What a checkpoint must match to be resumed: model + trajectory-relevant train config + data."""
-    train = {k: v for k, v in config.to_dict()["train"].items() if k not in RUN_LENGTH_FIELDS}
-    return {"model": config.to_dict()["model"], "train": train, "vocab_size": vocab_size, "build_key": build_key}
+    """What a checkpoint must match to be resumed: the model and train fields not declared `on_resume="may change"`
+    (couplet/core/config.py), the vocabulary size and the build."""
+    sections = {name: {k: v for k, v in getattr(config, name).model_dump().items() if k not in may_change_on_resume(name)}
+                for name in ("model", "train")}
+    return {**sections, "vocab_size": vocab_size, "build_key": build_key}
 
 
 def save_checkpoint(path: Path, *, fingerprint: dict, config: Config, model, optimizer, batches, best_weights: dict | None,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from couplet.core.atomic import atomic_path, atomic_write_json
 from couplet.core.catalog import MODEL_FILES
-from couplet.core.config import Config, ModelConfig, config_from_dict
+from couplet.core.config import MODEL_KINDS, Config, ModelConfig, config_from_dict, with_former_defaults
 from couplet.modelling.kernels import (
     SMALL_INFERENCE_POSITIONS,
     conv1d_same_as_matmul,
@@ -72,6 +72,8 @@ def head_loss(x: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.
 class CoupletLabeller(nn.Module):
     """Upper-line ids (B, L) -> lower-line logits (B, L, V)."""
 
+    kind = "gated_cnn"  # its model.kind (couplet.core.config.ModelKind)
+
     def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__()
         self.vocab_size = vocab_size
@@ -118,6 +120,8 @@ class RefiningLabeller(CoupletLabeller):
     in eval mode the loss is the final pass's alone, comparable with the seed's.
     """
 
+    kind = "refine"
+
     def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__(vocab_size, cfg)
         self.draft_embedding = nn.Embedding(vocab_size, cfg.embed_dim)
@@ -144,6 +148,8 @@ class AttentionLabeller(CoupletLabeller):
     sees the whole upper line: a couplet's second clause can answer to its first however far apart they are.
     """
 
+    kind = "attention"
+
     def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__(vocab_size, cfg)
         self.attention = nn.ModuleList(
@@ -161,19 +167,14 @@ class AttentionLabeller(CoupletLabeller):
         return x.masked_fill(pad.unsqueeze(-1), 0.0) if padding_mask is not None else x
 
 
-MODEL_KINDS: dict[str, type[CoupletLabeller]] = {"gated_cnn": CoupletLabeller, "refine": RefiningLabeller,
-                                                 "attention": AttentionLabeller}
-# fields whose default changed after folders were written without them: such a folder meant the old value
-_FORMER_DEFAULTS = {
-    "model": {"kind": "gated_cnn"},
-    "train": {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": None, "max_minutes": None},
-    "decode": {"lm_weight": 0.0},
-}
+LABELLERS: dict[str, type[CoupletLabeller]] = {cls.kind: cls for cls in (CoupletLabeller, RefiningLabeller, AttentionLabeller)}
+if tuple(LABELLERS) != MODEL_KINDS:  # config validates model.kind against MODEL_KINDS and cannot import this module
+    raise ImportError(f"couplet.core.config.MODEL_KINDS {MODEL_KINDS} and the labeller classes {tuple(LABELLERS)} disagree")
 
 
 def build_labeller(vocab_size: int, cfg: ModelConfig) -> CoupletLabeller:
     """A freshly initialised labeller of the configured kind."""
-    return MODEL_KINDS[cfg.kind](vocab_size, cfg)
+    return LABELLERS[cfg.kind](vocab_size, cfg)
 
 
 def save_labeller(model: CoupletLabeller, vocab: Vocab, config: Config, model_dir: str | Path) -> None:
@@ -181,9 +182,8 @@ def save_labeller(model: CoupletLabeller, vocab: Vocab, config: Config, model_di
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
-    kind = next(name for name, cls in MODEL_KINDS.items() if type(model) is cls)
-    if config.model.kind != kind:  # the folder records what the weights are, whatever the config said
-        config = config.model_copy(update={"model": config.model.model_copy(update={"kind": kind})})
+    if config.model.kind != model.kind:  # the folder records what the weights are, whatever the config said
+        config = config.model_copy(update={"model": config.model.model_copy(update={"kind": model.kind})})
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(model_dir / MODEL_FILES.weights) as tmp:
         save_file(state, str(tmp))
@@ -198,15 +198,7 @@ def load_labeller(model_dir: str | Path, device: str = "cpu") -> tuple[CoupletLa
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / MODEL_FILES.config).read_text(encoding="utf-8"))
     vocab_size = int(raw.pop("vocab_size"))
-    for section, values in _FORMER_DEFAULTS.items():
-        if isinstance(raw.get(section), dict):
-            raw[section] = {**values, **raw[section]}
-    decode_path = model_dir / MODEL_FILES.decode
-    if decode_path.is_file():  # evaluate's settings: what the folder was scored with is how it answers
-        try:
-            raw["decode"] = {**raw.get("decode", {}), **json.loads(decode_path.read_text(encoding="utf-8"))}
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{decode_path} is damaged ({exc}): re-evaluate (couplet run --force evaluate) or delete it") from None
+    raw = with_former_defaults(raw)  # a folder written before a field existed meant the field's former value
     config = config_from_dict(raw, drop_unknown=True)  # a folder from another version may hold fields since removed
     vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
     if len(vocab) != vocab_size:
