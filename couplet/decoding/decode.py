@@ -33,7 +33,7 @@ from couplet.decoding.constraints import (
     vocab_tables,
 )
 
-__all__ = ["DecodeOptions", "DecodeResult", "decode", "decode_argmax", "exact_kbest"]
+__all__ = ["decode", "decode_argmax", "exact_kbest"]
 
 NEG_INF = -np.inf
 

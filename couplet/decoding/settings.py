@@ -57,7 +57,8 @@ def read_decode_settings(model_dir: str | Path, trained: DecodeConfig, vocab_siz
             if not isinstance(recorded, dict):
                 raise ValueError(f"expected a JSON object, got {type(recorded).__name__}")
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{recorded_path} is damaged ({exc}): re-evaluate (couplet run --force evaluate) or delete it") from None
+            raise ValueError(f"{recorded_path} is damaged ({exc}): "
+                             "re-evaluate (couplet run --force evaluate) or delete it") from None
         # keys another version wrote and this one no longer has are dropped, as in config.json
         section = config_from_dict({"decode": {**trained.model_dump(), **recorded}}, drop_unknown=True).decode
     if section.lm_weight <= 0:
