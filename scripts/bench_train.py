@@ -132,7 +132,7 @@ def measure(args, ranks=None) -> dict:
     batches = LengthBucketBatches(buckets, args.batch_size, seed=0)
 
     if ranks is not None:
-        device = ranks.place(device)
+        device = ranks.device_for(device)
     model = build_labeller(vocab_size, ModelConfig(kind=args.kind)).to(device)
     if args.adam == "fused":
         optimizer = make_optimizer(model, 1e-3)

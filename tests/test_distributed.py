@@ -114,6 +114,16 @@ def test_one_process_never_loads_couplet_distributed_nor_a_process_group(build, 
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["processes"] == 1
 
 
+def test_the_stage_the_worker_and_the_loop_import_one_way():
+    # the nproc dispatch (the train stage) sits above both the torchrun worker and the loop it runs: no cycle,
+    # and the stage's code version covers all three
+    from couplet.core.stage import module_closure
+
+    assert "couplet.modelling.distributed" not in module_closure("couplet.modelling.loop")
+    assert "couplet.modelling.train" not in module_closure("couplet.modelling.distributed")
+    assert {"couplet.modelling.loop", "couplet.modelling.distributed"} <= set(module_closure("couplet.modelling.train"))
+
+
 # --------------------------------------------------------------------------- slow: real torchrun runs (gloo, CPU)
 
 

@@ -77,7 +77,7 @@ class Ranks:
         self.seconds = 0.0  # rank 0's time in train steps at the last sync point: the clock every rank reads
         self.comm_device = torch.device("cpu")
 
-    def place(self, device: torch.device) -> torch.device:
+    def device_for(self, device: torch.device) -> torch.device:
         """The device of this rank: its own GPU (LOCAL_RANK) on CUDA, the CPU otherwise."""
         if device.type == "cuda":
             check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", self.local_rank + 1)))

@@ -62,14 +62,14 @@ class Place(Protocol):
     sync_every: int  # steps between sync points (besides validation steps and epoch ends)
     seconds: float  # the clock the schedule reads: rank 0's time in train steps at the last sync point
 
-    def place(self, device: torch.device) -> torch.device: ...
-    def check_batch(self, batch_size: int) -> None: ...
-    def shard(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def seed_dropout(self, seed: int, step: int) -> None: ...
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
-    def broadcast_object(self, obj): ...
-    def agree(self, state: TrainState, out_of_time: bool, seconds: float) -> bool: ...
-    def peer_lost(self, exc: BaseException) -> bool: ...
+    def device_for(self, device: torch.device) -> torch.device: ...  # this process's device (a rank's own GPU)
+    def check_batch(self, batch_size: int) -> None: ...  # raises when the global batch cannot be split evenly
+    def shard(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # its rows
+    def seed_dropout(self, seed: int, step: int) -> None: ...  # ranks but 0 draw their own dropout masks
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...  # the model that steps (DDP: shares gradients)
+    def broadcast_object(self, obj): ...  # rank 0's `obj`, on every rank
+    def agree(self, state: TrainState, out_of_time: bool, seconds: float) -> bool: ...  # rank 0's decisions, shared
+    def peer_lost(self, exc: BaseException) -> bool: ...  # whether `exc` is a collective failing: a rank is gone
 
 
 class OneProcess:
@@ -81,7 +81,7 @@ class OneProcess:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def place(self, device: torch.device) -> torch.device:
+    def device_for(self, device: torch.device) -> torch.device:
         return device
 
     def check_batch(self, batch_size: int) -> None:
@@ -131,7 +131,7 @@ class Trainer:
     def __init__(self, build_dir: Path, config: Config, model_dir: Path, place: Place, progress: bool):
         self.started = time.perf_counter()
         self.config, self.tc, self.model_dir, self.place, self.progress = config, config.train, model_dir, place, progress
-        self.device = place.place(pick_device(self.tc.device))
+        self.device = place.device_for(pick_device(self.tc.device))
         place.check_batch(self.tc.batch_size)
         self.autocast = make_autocast(self.device, self.device.type == "cpu" and resolve_cpu_bf16(self.tc.cpu_bf16))
         if place.is_main:
