@@ -202,14 +202,8 @@ def promote(
         registry = read_registry(home)
         champion = registry["champion"]
         champion_metrics = registry["champion_metrics"] if champion else None
-        for old in reversed(registry["history"]):
-            if old.get("run_id") != run_id or old.get("metric") != metric or old.get("challenger_metrics") != challenger:
-                continue
-            if old.get("baseline_gate", True) != require_baseline:
-                continue
-            same_opponent = old.get("champion_before") == champion and old.get("champion_metrics") == champion_metrics
-            if same_opponent or (old["promoted"] and champion == run_id and champion_metrics == challenger):
-                return {**old, "model_dir": str(path), "champion": champion, "status": "cached"}
+        if (old := _decided_before(registry, run_id, challenger, metric, require_baseline)) is not None:
+            return {**old, "model_dir": str(path), "champion": champion, "status": "cached"}
         if champion == run_id:  # the champion scored again (e.g. on a new test split): keep its latest scores
             decision = Decision(True, "already the champion; its metrics are replaced by this evaluation")
         else:
@@ -222,6 +216,33 @@ def promote(
         }
         _append(home, registry, record)
     return {**record, "model_dir": str(path), "champion": registry["champion"], "status": "completed"}
+
+
+def _decided_before(registry: dict, run_id: str, challenger: dict, metric: str, require_baseline: bool) -> dict | None:
+    """The earlier decision on the same challenger scores, metric and baseline rule against the same champion
+    (or the one that made it the champion it still is), or None."""
+    champion = registry["champion"]
+    champion_metrics = registry["champion_metrics"] if champion else None
+    for old in reversed(registry["history"]):
+        if old.get("run_id") != run_id or old.get("metric") != metric or old.get("challenger_metrics") != challenger:
+            continue
+        if old.get("baseline_gate", True) != require_baseline:
+            continue
+        same_opponent = old.get("champion_before") == champion and old.get("champion_metrics") == champion_metrics
+        if same_opponent or (old["promoted"] and champion == run_id and champion_metrics == challenger):
+            return old
+    return None
+
+
+def decided_before(model_dir: str | Path, metrics: dict, home: str | Path, metric: str = "bleu", *,
+                   require_baseline: bool = True) -> dict | None:
+    """What `promote` returns when it has nothing to decide (status "cached"), read without the lock and
+    writing nothing; None when `promote` would decide anew. `couplet run` with nothing changed asks this."""
+    home = Path(home)
+    run_id, path = _run_id(model_dir, home)
+    registry = read_registry(home)
+    old = _decided_before(registry, run_id, _flat(metrics), metric, require_baseline)
+    return None if old is None else {**old, "model_dir": str(path), "champion": registry["champion"], "status": "cached"}
 
 
 def force_promote(run_id: str, home: str | Path, reason: str = "promoted by hand", *, lock_timeout_s: float = 60.0) -> dict:

@@ -24,6 +24,7 @@ from prefect.states import Completed
 from prefect.transactions import BaseTransaction
 
 from couplet import registry
+from couplet.cached_run import record_flow_run
 from couplet.data.build import run_build
 from couplet.core.catalog import STAGES
 from couplet.core.config import Config, couplet_home, load_config
@@ -272,6 +273,8 @@ def _run_stages(config: Config, home: Path, until: Stage, force: Stage | None, p
         ).result()
     summary = summarize(results, seconds=time.perf_counter() - started)
     get_run_logger().info("pipeline summary: %s", {k: v["status"] for k, v in summary["stages"].items()})
+    flow_run = FlowRunContext.get().flow_run
+    record_flow_run(home, results, str(flow_run.id), flow_run.name)  # what `couplet run` names when nothing changed
     return summary
 
 

@@ -1,4 +1,5 @@
-"""End to end: `couplet run` through Prefect (its temporary local server), as a user runs it."""
+"""End to end: `couplet run` through Prefect (its temporary local server), as a user runs it; with nothing
+changed, without Prefect (couplet/cached_run.py)."""
 
 import http.server
 import json
@@ -28,6 +29,23 @@ def summary_of(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+REUSED = "nothing changed: the outputs of flow run"  # the line of a run that did not start Prefect
+
+
+def reused_flow_run(proc) -> str | None:
+    """The id of the flow run whose outputs a run reused without starting Prefect (None: it went through Prefect)."""
+    line = next((line for line in (proc.stdout + proc.stderr).splitlines() if REUSED in line), None)
+    return None if line is None else line.split("(")[1].split(",")[0]
+
+
+def recorded_flow_run(home: Path, stage: str, key: str) -> str:
+    return json.loads((home / "runs.json").read_text())[f"{stage}/{key}"]["flow_run_id"]
+
+
+def without_seconds(summary: dict) -> dict:
+    return {**summary, "seconds": None, "stages": {k: v["status"] for k, v in summary["stages"].items()}}
+
+
 @pytest.fixture
 def tarball(tmp_path) -> Path:
     return write_dataset_tarball(tmp_path / "couplet.tar.gz", n_train=300, n_test=30)
@@ -35,22 +53,42 @@ def tarball(tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_run_from_file_cached_then_param_change(home, prefect_home, tarball):
-    first = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json"))
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json")
+    first = summary_of(run)
     assert {k: v["status"] for k, v in first["stages"].items()} == {"ingest": "completed", "validate": "completed", "build": "completed"}
     assert first["counts"]["test"] == 30 and first["counts"]["train"] + first["counts"]["valid"] == 300
     assert first["counts"]["rejected"] == 0
     assert Path(first["report"]).is_file() and first["dataset_version"]
     assert set(first["counts"]) == {"train", "valid", "test", "rejected"}
+    assert reused_flow_run(run) is None
 
-    second = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json"))
+    # Nothing changed: answered without Prefect, naming the flow run that made the outputs.
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--json")
+    second = summary_of(run)
     assert {v["status"] for v in second["stages"].values()} == {"cached"}
-    assert second["counts"] == first["counts"]
+    assert second["counts"] == first["counts"] and set(second) == set(first)
+    assert reused_flow_run(run) == recorded_flow_run(home, "build", Path(first["build_dir"]).name)
 
-    third = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--set", "data.min_count=1", "--json"))
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--set", "data.min_count=1", "--json")
+    third = summary_of(run)
     assert {k: v["status"] for k, v in third["stages"].items()} == {"ingest": "cached", "validate": "cached", "build": "completed"}
+    assert reused_flow_run(run) is None  # a changed parameter goes through Prefect
 
-    forced = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--force", "validate", "--json"))
+    # A damaged output (same size, other bytes) goes through Prefect too, which rebuilds it; then nothing changed again.
+    shard = next(Path(third["build_dir"]).glob("train/*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--set", "data.min_count=1", "--json")
+    assert reused_flow_run(run) is None and summary_of(run)["stages"]["build"]["status"] == "completed"
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--set", "data.min_count=1", "--json")
+    assert reused_flow_run(run) == recorded_flow_run(home, "build", Path(third["build_dir"]).name)
+    assert without_seconds(summary_of(run)) == without_seconds({**third, "stages": {k: {"status": "cached"} for k in third["stages"]}})
+
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "build", "--force", "validate", "--json")
+    forced = summary_of(run)
     assert {k: v["status"] for k, v in forced["stages"].items()} == {"ingest": "cached", "validate": "completed", "build": "completed"}
+    assert reused_flow_run(run) is None
 
     report = subprocess.run([*COUPLET, "report"], env={**os.environ, "COUPLET_HOME": str(home)}, capture_output=True, text=True)
     assert report.returncode == 0 and "report.md" in report.stdout
@@ -116,11 +154,21 @@ def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     assert not first["promotion"]["promoted"] and "dictionary baseline" in first["promotion"]["reason"]
     assert json.loads((home / "models" / "registry.json").read_text())["champion"] is None
 
-    again = summary_of(couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small, "--json"))
-    assert all(v["status"] == "cached" for v in again["stages"].values()), again["stages"]
-    assert again["promotion"]["status"] == "cached" and again["promotion"]["champion"] is None
+    # A home without the runs record (written before it existed) goes through Prefect, which records the run ...
+    (home / "runs.json").unlink()
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small, "--json")
+    through_prefect = summary_of(run)
+    assert all(v["status"] == "cached" for v in through_prefect["stages"].values()), through_prefect["stages"]
+    assert through_prefect["promotion"]["status"] == "cached" and through_prefect["promotion"]["champion"] is None
+    assert reused_flow_run(run) is None
+    # ... and from then on nothing changed is answered without Prefect: the same summary, naming that flow run.
+    run = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small, "--json")
+    assert without_seconds(summary_of(run)) == without_seconds(through_prefect)
+    assert reused_flow_run(run) == recorded_flow_run(home, "evaluate", json.loads((model / "evaluation.json").read_text())["key"])
+    assert run.stdout.count("\n") == 1  # stdout: only the JSON line
     human = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small)
-    assert "does not beat the dictionary baseline" in human.stdout
+    assert "does not beat the dictionary baseline" in human.stdout and REUSED in human.stdout.splitlines()[-1]
+    assert_checks_each_stage(home, tarball, small)
 
     env = {**os.environ, "COUPLET_HOME": str(home)}
     match = subprocess.run([sys.executable, "-m", "couplet", "match", "春风花月", "--top-k", "2", "--json"],
@@ -131,6 +179,35 @@ def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     assert all(len(c["lower"]) == 4 for c in answer["candidates"])
     bad = subprocess.run([sys.executable, "-m", "couplet", "match", "hello"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def assert_checks_each_stage(home: Path, tarball: Path, small: list[str]) -> None:
+    """In process: the fully cached home of a run is reused; an edited stage module, a changed parameter, a
+    URL source or a promotion not decided before are not."""
+    from couplet import registry
+    from couplet.cached_run import nothing_changed
+    from couplet.core import stage
+    from couplet.core.config import load_config
+    from couplet.summary import with_source
+
+    config = with_source(load_config(None, small[1::2]), str(tarball))
+    summary, flow_run = nothing_changed(config, home, "evaluate", promote=True)
+    assert {v["status"] for v in summary["stages"].values()} == {"cached"} and flow_run["flow_run_name"]
+    assert nothing_changed(config, home, "build", promote=True) is not None
+    assert nothing_changed(with_source(config, "http://127.0.0.1:9/couplet.tar.gz"), home, "build", promote=True) is None
+    assert nothing_changed(with_source(load_config(None, [*small[1::2], "decode.beam_size=3"]), str(tarball)), home, "evaluate",
+                           promote=True) is None
+    code_version = stage.code_version
+    try:
+        stage.code_version = lambda name, *a: code_version(name, *a) + ("-edited" if name == "train" else "")
+        assert nothing_changed(config, home, "build", promote=True) is not None
+        assert nothing_changed(config, home, "evaluate", promote=True) is None
+    finally:
+        stage.code_version = code_version
+    with_other_metric = with_source(load_config(None, [*small[1::2], "promote.metric=exact_match"]), str(tarball))
+    assert registry.decided_before(summary["model"], summary["metrics"], home, "exact_match") is None
+    assert nothing_changed(with_other_metric, home, "evaluate", promote=True) is None
+    assert nothing_changed(with_other_metric, home, "evaluate", promote=False) is not None
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import typer
 from couplet.core.catalog import STAGES
 from couplet.cli import app, fail
 from couplet.core.config import ConfigError, couplet_home, load_config
+from couplet.summary import metrics_line, with_source
 
 
 def _prefect_defaults(home: Path, verbose: bool) -> None:
@@ -55,13 +56,20 @@ def run(
     if runner not in ("local", "dask") or (dask_address and runner != "dask"):
         fail(f"--runner must be local or dask, not {runner!r}" if runner not in ("local", "dask") else "--dask-address needs --runner dask")
     try:
-        load_config(config, set_)  # fail fast on bad keys, before Prefect starts
+        settings = load_config(config, set_)  # fail fast on bad keys, before Prefect starts
     except ConfigError as exc:
         fail(str(exc))
     home = couplet_home()
     _prefect_defaults(home, verbose)
     _stop_on_signals()
     try:
+        if force is None and dask_address is None:  # a scheduler given is connected to first, even when all is cached
+            from couplet.cached_run import nothing_changed
+
+            reused = nothing_changed(with_source(settings, source) if source else settings, home, until, promote)
+            if reused is not None:
+                _print_summary(*reused, as_json=as_json)
+                return
         from flows.local_server import start_temporary_server
 
         wait_until_ready = start_temporary_server()
@@ -163,22 +171,30 @@ def _report(state, as_json: bool) -> None:
         if as_json:
             print(json.dumps({"status": "failed", "error": message}, ensure_ascii=False))
         fail(message, code=1)
-    summary = state.result()
-    if as_json:
-        print(json.dumps(summary, ensure_ascii=False))
-    else:
-        for name, stage in summary["stages"].items():
-            typer.echo(f"{name:<9} {stage['status']:<10} {stage['seconds']:>8.2f} s")
-        typer.echo(f"dataset {summary.get('dataset_version')}  counts {summary.get('counts')}")
-        if summary.get("report"):
-            typer.echo(f"report  {summary['report']}")
-        if summary.get("model"):
-            typer.echo(f"model   {summary['model']}")
-        from couplet.summary import metrics_line
+    _print_summary(state.result(), as_json=as_json)
 
-        line = metrics_line(summary)  # flags a model that does not beat the dictionary baseline
-        if line:
-            typer.echo(line)
+
+def _print_summary(summary: dict, reused: dict | None = None, *, as_json: bool) -> None:
+    """The run's summary; `reused`: the flow run recorded for the outputs of a run with nothing to do."""
+    reused_line = (f"run     nothing changed: the outputs of flow run {reused['flow_run_name']} ({reused['flow_run_id']}, "
+                   f"finished {reused['finished']}); Prefect not started") if reused else None
+    if as_json:
+        if reused_line:
+            typer.echo(reused_line, err=True)  # stdout keeps its one JSON line
+        print(json.dumps(summary, ensure_ascii=False))
+        return
+    for name, stage in summary["stages"].items():
+        typer.echo(f"{name:<9} {stage['status']:<10} {stage['seconds']:>8.2f} s")
+    typer.echo(f"dataset {summary.get('dataset_version')}  counts {summary.get('counts')}")
+    if summary.get("report"):
+        typer.echo(f"report  {summary['report']}")
+    if summary.get("model"):
+        typer.echo(f"model   {summary['model']}")
+    line = metrics_line(summary)  # flags a model that does not beat the dictionary baseline
+    if line:
+        typer.echo(line)
+    if reused_line:
+        typer.echo(reused_line)
 
 
 @app.command()
