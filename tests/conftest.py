@@ -1,5 +1,8 @@
+import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,44 @@ def home(tmp_path, monkeypatch) -> Path:
 def prefect_home(tmp_path_factory) -> Path:
     """One PREFECT_HOME (SQLite database) shared by the CLI runs of a session, so each run skips the migrations."""
     return tmp_path_factory.mktemp("prefect-home")
+
+
+# A tiny model trained end to end, small enough for a test, promoted although it cannot beat the dictionary baseline.
+TINY_RUN = ["--until", "evaluate", "--set", "train.max_steps=40", "--set", "model.embed_dim=32", "--set", "model.n_blocks=2",
+            "--set", "train.num_threads=1", "--set", "evaluate.n_samples=3", "--set", "train.checkpoint_every=20",
+            "--set", "promote.require_baseline=false"]
+
+
+@dataclass(frozen=True)
+class TrainedHome:
+    """A $COUPLET_HOME after `couplet run --source SOURCE *TINY_RUN`, moved away from where the run wrote it."""
+
+    home: Path  # copy it (shutil.copytree(..., symlinks=True)); never change it, other tests copy it too
+    written_at: Path  # where the run wrote the home: gone, as a home copied elsewhere and deleted
+    source: Path  # the dataset the run read: gone too; `kept_source` holds its bytes
+    kept_source: Path
+    summary: dict  # the run's --json summary
+
+
+@pytest.fixture(scope="session")
+def trained_home(tmp_path_factory, prefect_home) -> TrainedHome:
+    """One end-to-end training run shared by the tests that start from a trained home (the slowest set-up)."""
+    from datagen import write_dataset_tarball
+
+    root = tmp_path_factory.mktemp("trained")
+    source = write_dataset_tarball(root / "source" / "couplet.tar.gz", n_train=300, n_test=30)
+    written_at = root / "home-as-written"
+    written_at.mkdir()
+    env = {**os.environ, "COUPLET_HOME": str(written_at), "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.run([sys.executable, "-m", "couplet", "run", "--source", str(source), *TINY_RUN, "--json"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=written_at)
+    assert run.returncode == 0, run.stderr[-3000:]
+    home, kept_source = root / "home", root / "kept" / "couplet.tar.gz"
+    written_at.rename(home)
+    kept_source.parent.mkdir()
+    source.rename(kept_source)
+    return TrainedHome(home, written_at, source, kept_source, json.loads(run.stdout.strip().splitlines()[-1]))
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:

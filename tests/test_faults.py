@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,9 +154,10 @@ def _match(home: Path) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_disk_full_during_build_is_one_line_and_the_champion_still_answers(home, prefect_home, tarball):
-    first = _run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *SMALL_EVAL)
-    run_id = Path(first["model"]).name
+def test_disk_full_during_build_is_one_line_and_the_champion_still_answers(home, prefect_home, trained_home):
+    shutil.copytree(trained_home.home, home, symlinks=True, dirs_exist_ok=True)  # a home after a run --until evaluate
+    tarball = trained_home.kept_source
+    run_id = Path(trained_home.summary["model"]).name
     env = _env(home, prefect_home)
     promoted = subprocess.run([*COUPLET, "champion", "set", run_id, "--force"], env=env, capture_output=True, text=True, timeout=60)
     assert promoted.returncode == 0, promoted.stderr

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from datagen import write_dataset_tarball
+from conftest import TINY_RUN
 
 from couplet.core.catalog import Catalog
 
@@ -113,9 +113,6 @@ def test_old_absolute_records_of_a_moved_home_are_read(tmp_path):
 # --------------------------------------------------------------------------- a home copied elsewhere, end to end
 
 COUPLET = [sys.executable, "-m", "couplet"]
-SMALL = ["--set", "train.max_steps=40", "--set", "model.embed_dim=32", "--set", "model.n_blocks=2",
-         "--set", "train.num_threads=1", "--set", "evaluate.n_samples=3", "--set", "train.checkpoint_every=20",
-         "--set", "promote.require_baseline=false"]  # the tiny model cannot beat the dictionary baseline: promote it anyway
 BINARY = {".parquet", ".safetensors", ".pt", ".npz", ".png", ".gz"}
 
 
@@ -135,21 +132,20 @@ def files_naming(root: Path, text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_home_copied_elsewhere_is_all_cached_and_answers(tmp_path, prefect_home):
-    source = write_dataset_tarball(tmp_path / "source" / "couplet.tar.gz", n_train=300, n_test=30)
-    a, b = tmp_path / "home-a", tmp_path / "home-b"
-    a.mkdir()
-    run_args = ["run", "--source", str(source), "--until", "evaluate", *SMALL, "--json"]
-    first = json.loads(couplet(a, prefect_home, *run_args).stdout.strip().splitlines()[-1])
+def test_a_home_copied_elsewhere_is_all_cached_and_answers(tmp_path, prefect_home, trained_home):
+    # trained_home: `couplet run` wrote home `a` from `source`, then both moved away (a copy kept for other tests)
+    first, a, source = trained_home.summary, trained_home.written_at, trained_home.source
+    run_args = ["run", "--source", str(source), *TINY_RUN, "--json"]
     assert {v["status"] for v in first["stages"].values()} == {"completed"}
     assert first["promotion"]["promoted"] and Path(first["model"]).parent == a / "models"
     run_id = Path(first["model"]).name
-    assert json.loads((a / "models" / run_id / "train.json").read_text())["model"] == f"models/{run_id}"  # recorded relative
+    kept = trained_home.home
+    assert json.loads((kept / "models" / run_id / "train.json").read_text())["model"] == f"models/{run_id}"  # recorded relative
 
-    shutil.copytree(a, b, symlinks=True)
-    shutil.rmtree(a)
-    source.unlink()  # the drop is gone too: ingest finds the copy the home keeps in its raw layer
-
+    b = tmp_path / "home-b"
+    shutil.copytree(kept, b, symlinks=True)
+    assert not a.exists() and not source.exists()  # the home was moved: nothing is left where it was written
+    # the drop is gone too: ingest finds the copy the home keeps in its raw layer
     rerun = couplet(b, prefect_home, *run_args)
     assert f"source not found: {source}; using the copy this home ingested" in rerun.stderr, rerun.stderr[-2000:]
     again = json.loads(rerun.stdout.strip().splitlines()[-1])
@@ -171,4 +167,5 @@ def test_a_home_copied_elsewhere_is_all_cached_and_answers(tmp_path, prefect_hom
     assert Path(entry["report_dir"]).is_relative_to(b) and (Path(entry["report_dir"]) / "report.md").is_file()
 
     assert files_naming(b, str(a)) == []
+    assert files_naming(b, str(kept)) == []
     assert files_naming(b, str(b)) == []  # nor the copy's own path: records are relative, not rewritten
