@@ -32,17 +32,16 @@ from couplet.data.raw import IngestError, find_layout, is_url, read_raw_manifest
 from couplet.data.validate import validate_key
 from couplet.summary import summarize
 
-RUNS_RECORD = "runs.json"  # under the home
-RUNS_KEPT = 1000
+RUNS_KEPT = 1000  # entries of runs.json: the newest
 
 
 def record_flow_run(home: Path, results: dict[str, dict], flow_run_id: str, flow_run_name: str) -> None:
     """Note that this flow run ended with these stage outputs (the results that carry a cache key)."""
     entry = {"flow_run_id": flow_run_id, "flow_run_name": flow_run_name,
              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path = home / RUNS_RECORD
-    with hold_lock(home, "runs"):
-        runs = read_json(path)
+    path = Catalog(home).runs_record
+    with hold_lock(home, path.name):
+        runs = _read_runs(path)
         runs.update({f"{stage}/{result['key']}": entry for stage, result in results.items() if result.get("key")})
         newest = sorted(runs.items(), key=lambda item: item[1].get("finished", ""))[-RUNS_KEPT:]
         atomic_write_json(path, dict(newest))
@@ -50,7 +49,12 @@ def record_flow_run(home: Path, results: dict[str, dict], flow_run_id: str, flow
 
 def recorded_flow_run(home: Path, stage: str, key: str) -> dict | None:
     """The last flow run that ended with this stage output, or None."""
-    return read_json(home / RUNS_RECORD).get(f"{stage}/{key}")
+    return _read_runs(Catalog(home).runs_record).get(f"{stage}/{key}")
+
+
+def _read_runs(path: Path) -> dict:
+    runs = read_json(path)
+    return runs if isinstance(runs, dict) else {}
 
 
 def nothing_changed(config: Config, home: Path, until: str, promote: bool) -> tuple[dict, dict] | None:
@@ -95,7 +99,7 @@ def _source_sha256(cfg: DataConfig, home: Path) -> str | None:
         return None
     root = Catalog(home).raw_dir(cfg.name) / RAW_FILES.dataset(sha256)
     manifest = read_raw_manifest(root)
-    if manifest.get("sha256") != sha256 or not all((root / manifest["layout"] / name).is_file() for name in DATASET_LAYOUT.files):
+    if manifest.get("sha256") != sha256 or not all((root / manifest.get("layout", "?") / name).is_file() for name in DATASET_LAYOUT.files):
         return None
     return sha256
 

@@ -11,6 +11,7 @@ from `Catalog` and every file name from the `*_FILES` constants below.
         build/<key>/vocab.json, {train,valid,test}/len-LL.parquet         (BUILD_FILES)
     models/<run-id>/                         train (train.json) and evaluate (evaluation.json) (MODEL_FILES)
     models/registry.json                     champion/challenger decisions
+    runs.json                                the flow run that last ended with each stage output (couplet/cached_run.py)
     reports/validation/index.json            every validation run
     reports/validation/<run>/                report.md, summary.json (+ rejects.parquet when it failed) (REPORT_FILES)
     reports/gx/                              the Great Expectations project and its Data Docs
@@ -201,6 +202,10 @@ class Catalog:
     @property
     def registry_path(self) -> Path:
         return self.models_dir / "registry.json"
+
+    @property
+    def runs_record(self) -> Path:
+        return self.home / "runs.json"
 
     @property
     def reports_dir(self) -> Path:
