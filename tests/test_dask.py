@@ -77,9 +77,10 @@ def _couplet_run(home: Path, prefect_home: Path, *args: str, probe_modules: bool
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=home)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dask_cluster():
-    """A Dask LocalCluster: 2 single-threaded worker processes on loopback."""
+    """A Dask LocalCluster: 2 single-threaded worker processes on loopback, one for the module (the worker-killing
+    plugin a test registers kills only while its switch files exist)."""
     import dask
     from distributed import LocalCluster
 
