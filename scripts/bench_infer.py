@@ -55,12 +55,11 @@ def main() -> None:
 
     import torch
 
-    from couplet.core.config import Config
     from couplet.decoding.decode import DecodeOptions, decode
     from couplet.predictor import Predictor
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model) if args.model else make_random_model(Path(tmp) / "seed-size", args.vocab_size, kind=Config().model.kind)
+        model_dir = Path(args.model) if args.model else make_random_model(Path(tmp) / "seed-size", args.vocab_size)
         predictor = Predictor.load(model_dir)
     rng = random.Random(0)
     singles = _lines(predictor.vocab, args.n, args.length, rng)

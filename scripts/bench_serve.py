@@ -42,14 +42,14 @@ PUNCT = "，。！？；：、"
 
 def make_random_model(model_dir: Path, vocab_size: int = 6000, embed_dim: int = 128, n_blocks: int = 6, seed: int = 0, must_have: str = DEFAULT_UPPER,
                       kind: str = "gated_cnn") -> Path:
-    """A seed-sized CoupletLabeller with random weights (the speed of a trained one, none of the sense).
+    """A seed-sized labeller of `kind` with random weights (the speed of a trained one, none of the sense).
 
     `kind` is the seed's (gated_cnn) unless asked: the config's default kind may change, these figures should not.
     """
     import torch
 
     from couplet.core.config import Config, replace
-    from couplet.modelling.model import CoupletLabeller, save_labeller
+    from couplet.modelling.model import build_labeller, save_labeller
     from couplet.data.vocab import Vocab
 
     chars = list(dict.fromkeys(must_have + PUNCT))
@@ -63,7 +63,7 @@ def make_random_model(model_dir: Path, vocab_size: int = 6000, embed_dim: int = 
     vocab = Vocab.from_counts(counts, min_count=1)
     config = replace(Config(), "model", kind=kind, embed_dim=embed_dim, n_blocks=n_blocks)
     torch.manual_seed(seed)
-    model = CoupletLabeller(len(vocab), config.model).eval()
+    model = build_labeller(len(vocab), config.model).eval()
     save_labeller(model, vocab, config, model_dir)
     return model_dir
 
