@@ -14,11 +14,22 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+# Test files that share the session's end-to-end training (`trained_home`): one xdist worker runs them all,
+# so the training runs once.
+SHARING_TRAINED_HOME = {"test_relocate.py", "test_faults.py"}
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """Every integration test is also slow: `-m "not slow"` is the fast tier (README, "Two commands")."""
+    """Every integration test is also slow: `-m "not slow"` is the fast tier (README, "Two commands").
+
+    Under `./test.sh` (pytest-xdist, `--dist loadgroup`) each file runs on one worker, so its module-scoped
+    set-up (a Dask cluster, a served model) is built once; the files sharing `trained_home` go together.
+    """
     for item in items:
         if item.get_closest_marker("integration") and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("trained-home" if name in SHARING_TRAINED_HOME else name))
 
 
 @pytest.fixture
