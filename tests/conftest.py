@@ -30,6 +30,10 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.slow)
         name = item.path.name
         item.add_marker(pytest.mark.xdist_group("trained-home" if name in SHARING_TRAINED_HOME else name))
+    # Files with slow tests first (order within a file kept): the long ones start at once on both workers
+    # instead of one of them finishing the suite alone.
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture
