@@ -203,14 +203,15 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the index entry as JSON."),
 ) -> None:
     """Print where the latest (or a given run's) data-quality report is."""
+    from couplet.core.catalog import REPORT_FILES, Catalog
     from couplet.data.validate import latest_report
 
     entry = latest_report(couplet_home(), run_id)
     if entry is None:
-        fail(f"no validation report found{' for run ' + run_id if run_id else ''} under {couplet_home() / 'reports'}", code=1)
+        fail(f"no validation report found{' for run ' + run_id if run_id else ''} under {Catalog(couplet_home()).reports_dir}", code=1)
     if as_json:
         print(json.dumps(entry, ensure_ascii=False))
         return
-    typer.echo(f"report     {Path(entry['report_dir']) / 'report.md'}")
+    typer.echo(f"report     {Path(entry['report_dir']) / REPORT_FILES.report}")
     typer.echo(f"data docs  {entry.get('data_docs_page') or '-'}")
     typer.echo(f"run        {entry['run_id']}  {'passed' if entry['success'] else 'FAILED'}  dataset {entry['dataset_version']}")
