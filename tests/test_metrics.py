@@ -10,12 +10,21 @@ from couplet.evaluation.metrics import (
     compute_metrics,
     copies,
     corpus_bleu,
+    pos_class,
+    pos_matches,
+    pos_words,
     punct_match,
     repetition_match,
+    reuse,
+    span_tag,
     structure_metrics,
+    tone_opposition,
     tone_rule,
     word_boundaries,
 )
+from couplet.decoding.constraints import PING, ZE, char_tone
+
+WRITER_KEYS = ("reuse_rate", "reuse_char_rate", "tone_opposition", "tone_positions", "pos_parallel", "pos_words")
 
 
 def test_repetition_structure_both_ways():
@@ -123,3 +132,68 @@ def test_is_ideograph_shares_the_validation_ranges():
     assert validate.CJK_RANGES is CJK_RANGES
     assert is_ideograph("春") and is_ideograph("\U00020000") and is_ideograph("\u3400")
     assert not any(is_ideograph(ch) for ch in "，。a1 ")
+
+
+# --------------------------------------------------------------------------- what couplet writers judge by
+
+
+def test_reuse_anywhere_in_the_lower_line():
+    assert reuse("白日依山尽", "黄河入海流") == (0, 5)
+    assert reuse("春风，明月", "秋雨，清风") == (1, 4)  # 风 reused at another position; marks are not ideographs
+    assert reuse("天天向上", "天天向下") == (3, 4)  # same-position copies count too
+    s = structure_metrics(["白日依山尽", "春风，明月"], ["黄河入海流", "秋雨，清风"])
+    assert s["reuse_rate"] == pytest.approx(1 / 2)
+    assert s["reuse_char_rate"] == pytest.approx(1 / 9)
+    assert structure_metrics(["天地人"], ["人"])["reuse_rate"] == 1.0  # not positional: any length
+
+
+def test_tone_opposition_at_even_positions_by_hand():
+    # pypinyin: 白 bai2 日 ri4 依 yi1 山 shan1 尽 jin3 / 黄 huang2 河 he2 入 ru4 海 hai3 流 liu2
+    assert [char_tone(c) for c in "日山河海"] == [ZE, PING, PING, ZE]
+    assert tone_opposition("白日依山尽", "黄河入海流") == (2, 2)  # 日/河 and 山/海 opposed
+    assert [char_tone(c) for c in "月风雨"] == [ZE, PING, ZE]
+    assert tone_opposition("江山明月", "湖海清风") == (2, 2)
+    assert tone_opposition("江山明月", "湖河清雨") == (0, 2)  # 山/河 both 平, 月/雨 both 仄
+    # positions restart after punctuation: the 2nd of each clause is 风/雨 and 月/风
+    assert tone_opposition("春风，明月", "秋雨，清风") == (2, 2)
+    assert tone_opposition("江山明月", "湖海") == (0, 2)  # lengths differ: compared, none opposed
+    s = structure_metrics(["白日依山尽", "江山明月"], ["黄河入海流", "湖河清雨"])
+    assert s["tone_positions"] == 4 and s["tone_opposition"] == pytest.approx(2 / 4)
+
+
+def test_final_tone_rule_is_kept():
+    s = structure_metrics(["白日依山尽"], ["黄河入海流"])  # 尽 jin3 仄 -> 流 liu2 平
+    assert s["tone_applicable"] == 1 and s["tone_rate"] == 1.0
+
+
+def test_pos_classes():
+    assert [pos_class(t) for t in ("n", "ns", "nr", "t", "f", "s")] == ["noun"] * 6
+    assert [pos_class(t) for t in ("v", "vn", "a", "ad", "d", "m", "mq", "q", "r", "rr")] == [
+        "verb", "verb", "adj", "adj", "adv", "num", "num", "num", "pron", "pron"
+    ]
+    assert pos_class("c") == pos_class("p") == pos_class("x") == "other"
+
+
+def test_pos_parallel_by_hand():
+    # jieba.posseg (no HMM): 白日/t 依/d 山/n 尽/v ; the lower characters at those positions,
+    # each tagged as one string: 黄河/ns 入/v 海/n 流/n
+    assert pos_words("白日依山尽") == ((0, 2, "t"), (2, 3, "d"), (3, 4, "n"), (4, 5, "v"))
+    assert [span_tag(w) for w in ("黄河", "入", "海", "流")] == ["ns", "v", "n", "n"]
+    assert pos_matches("白日依山尽", "黄河入海流") == (2, 4)  # noun/noun twice; adv/verb and verb/noun differ
+    assert pos_matches("春风，明月", "秋雨，清风") == (2, 2)  # the comma is no word
+    assert pos_matches("白日依山尽", "黄河") == (1, 4)  # only 白日/黄河 has a counterpart
+    s = structure_metrics(["白日依山尽", "春风，明月"], ["黄河入海流", "秋雨，清风"])
+    assert s["pos_words"] == 6 and s["pos_parallel"] == pytest.approx(4 / 6)
+
+
+def test_writer_metrics_empty_and_in_compute_metrics():
+    empty = structure_metrics([], [])
+    assert all(empty[k] == 0 for k in WRITER_KEYS)
+    m = compute_metrics(["白日依山尽", "天天向上"], ["黄河入海流", "日日维新"], ["黄河入海流", "天天向下"])
+    for k in WRITER_KEYS + ("repetition_match", "tone_rate"):
+        assert k in m and k in m["references"]
+    for k in ("reuse_rate", "reuse_char_rate", "tone_opposition", "pos_parallel"):
+        assert 0.0 <= m[k] <= 1.0
+    assert m["reuse_rate"] == pytest.approx(1 / 2) and m["references"]["reuse_rate"] == 0.0
+    assert m["reuse_char_rate"] == pytest.approx(3 / 9)
+    assert compute_metrics([], [], [])["pos_parallel"] == 0.0
