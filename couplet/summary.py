@@ -41,6 +41,9 @@ def summarize(results: dict[str, dict], seconds: float) -> dict:
     return summary
 
 
+WRITER_MEASURES = (("reuse_rate", "reuse"), ("tone_opposition", "tone opposition"), ("pos_parallel", "POS parallel"))
+
+
 def metrics_line(summary: dict) -> str | None:
     """The human summary's test-metrics line: the model beside the dictionary baseline, flagged
     when the model does not beat it on ideograph accuracy (None before evaluate)."""
@@ -49,7 +52,10 @@ def metrics_line(summary: dict) -> str | None:
         return None
 
     def scores(m: dict) -> str:
-        return f"ideograph acc {m['ideograph_accuracy']:.3f}  char acc {m['char_accuracy']:.3f}  BLEU {m['bleu']:.2f}"
+        line = f"ideograph acc {m['ideograph_accuracy']:.3f}  char acc {m['char_accuracy']:.3f}  BLEU {m['bleu']:.2f}"
+        # what couplet writers judge by (couplet/evaluation/metrics.py); absent from evaluations made before them
+        writers = [(label, m[key]) for key, label in WRITER_MEASURES if key in m]
+        return line + "".join(f"  {label} {value:.3f}" for label, value in writers)
 
     line = f"test    {scores(metrics)}"
     if summary.get("baseline"):

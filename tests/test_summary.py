@@ -54,3 +54,10 @@ def test_with_source_replaces_only_the_source():
     config = with_source(Config(), "/drop/couplet.tar.gz")
     assert config.data.source == "/drop/couplet.tar.gz"
     assert config.model == Config().model and config.data.max_len == Config().data.max_len
+
+
+def test_metrics_line_shows_the_writers_measures_when_the_evaluation_has_them():
+    measured = {**SCORES, "reuse_rate": 0.01, "tone_opposition": 0.8, "pos_parallel": 0.44}
+    line = metrics_line({"metrics": measured, "baseline": {**BASELINE, "reuse_rate": 0.0}, "beats_baseline": True})
+    assert line.startswith("test    ideograph acc 0.500  char acc 0.625  BLEU 12.50  reuse 0.010  tone opposition 0.800  POS parallel 0.440")
+    assert "(dictionary baseline: ideograph acc 1.000  char acc 1.000  BLEU 100.00  reuse 0.000)" in line
