@@ -184,9 +184,14 @@ class Predictor:
 
     # ----------------------------------------------------------------- answering
 
-    @staticmethod
-    def _options(constrained: bool, tone: bool, options: DecodeOptions | None) -> DecodeOptions:
-        return options if options is not None else DecodeOptions.from_flags(constrained=constrained, tone=tone)
+    def decode_options(self, constrained: bool = True, tone: bool = False) -> DecodeOptions:
+        """The rules an answer with these flags enforces: `constrained` switches no-copy, punctuation and repetition,
+        and no-reuse with them where this predictor's `decoding` says `no_reuse` (a folder written before the field
+        existed: off); `tone` is separate."""
+        return DecodeOptions.from_flags(constrained=constrained, tone=tone, no_reuse=self.decoding.config.no_reuse)
+
+    def _options(self, constrained: bool, tone: bool, options: DecodeOptions | None) -> DecodeOptions:
+        return options if options is not None else self.decode_options(constrained, tone)
 
     def answer(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions) -> MatchResult:
         """Decode a prepared line from its (L, V) log-probabilities as this predictor's `decoding` says."""
@@ -209,7 +214,8 @@ class Predictor:
         options: DecodeOptions | None = None,
         allow_unknown: bool = False,
     ) -> MatchResult:
-        """The `top_k` best lower lines for one upper line. `options` (if given) overrides constrained/tone."""
+        """The `top_k` best lower lines for one upper line. `options` (if given) overrides constrained/tone (and the
+        folder's no_reuse, see `decode_options`)."""
         _check_top_k(top_k)
         text = self.prepare(upper, allow_unknown=allow_unknown)
         lp = self.log_probs([text])[0]

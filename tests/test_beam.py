@@ -4,6 +4,7 @@ answer is the brute-force optimum (with lm_weight 0: the exact decoder's)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from couplet.decoding.constraints import (
 from couplet.decoding.decode import decode
 from couplet.decoding.lm import CharBigramLM
 from couplet.evaluation.metrics import repetition_match
-from couplet.data.punct import is_punct
+from couplet.data.punct import is_ideograph, is_punct
 from couplet.data.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
 
 PING_CHARS = "天风花春山红人云"
@@ -75,7 +76,14 @@ def _satisfies(upper: str, lower: str, options: DecodeOptions) -> bool:
         return False
     if options.tone and final_tone(upper) == ZE and char_tone(lower[final_position(upper)]) != PING:
         return False
+    if options.no_reuse and _reused(upper, lower):
+        return False
     return True
+
+
+def _reused(upper: str, lower: str) -> set[str]:
+    """The upper line's ideographs found anywhere in the lower line (不重字 forbids any)."""
+    return {ch for ch in upper if is_ideograph(ch) and ch in lower}
 
 
 def _brute_force(upper, lp, vocab, options, lm, weight) -> list[tuple[str, float]]:
@@ -114,7 +122,8 @@ def test_every_candidate_keeps_every_constraint_and_is_scored_as_documented():
             assert score == pytest.approx(_fused(lower, lp, VOCAB, lm, weight), abs=1e-4)
         tone_applies = options.tone and final_tone(upper) == ZE
         assert ("tone" in res.constraints) == tone_applies
-        assert {"punctuation", "no_copy", "repetition"} <= set(res.constraints)
+        assert {"punctuation", "no_copy", "repetition", "no_reuse"} <= set(res.constraints)
+        assert not any(_reused(upper, lower) for lower in lowers)
         # fusion never answers worse (by its own score) than the exact model-only decoder's best line
         exact_best = decode(upper, lp, VOCAB, options=options).candidates[0][0]
         assert scores[0] >= _fused(exact_best, lp, VOCAB, lm, weight) - 1e-6
@@ -122,7 +131,7 @@ def test_every_candidate_keeps_every_constraint_and_is_scored_as_documented():
 
 def test_each_constraint_alone_holds():
     rng = np.random.default_rng(3)
-    names = ("no_copy", "punctuation", "repetition", "tone")
+    names = ("no_copy", "punctuation", "repetition", "tone", "no_reuse")
     for _ in range(120):
         options = DecodeOptions(**{name: bool(rng.random() < 0.5) for name in names})
         upper = _random_upper(rng, UPPER_CHARS, 7)
@@ -140,7 +149,7 @@ def test_each_constraint_alone_holds():
 
 def test_large_beam_finds_the_brute_force_optimum_with_the_lm():
     rng = np.random.default_rng(7)
-    names = ("no_copy", "punctuation", "repetition", "tone")
+    names = ("no_copy", "punctuation", "repetition", "tone", "no_reuse")
     for _ in range(100):
         upper = _random_upper(rng, "天月风雨，的", 4)
         options = DecodeOptions(**{name: bool(rng.random() < 0.7) for name in names})
@@ -150,6 +159,10 @@ def test_large_beam_finds_the_brute_force_optimum_with_the_lm():
         expected = _brute_force(upper, lp, SMALL, options, SMALL_LM, weight)[:top_k]
         res = beam_decode(upper, lp, SMALL, top_k=top_k, options=options, lm=SMALL_LM, lm_weight=weight,
                           beam_size=10_000)
+        if not expected:  # no_reuse leaves too few characters: relaxed, as decode relaxes
+            assert res.relaxed and res.relaxed == decode(upper, lp, SMALL, options=options).relaxed
+            continue
+        assert res.relaxed == []
         assert [s for _, s in res.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)
         # the beam alone (without decode's lines joining the finalists) is exact too
         plan = plan_groups(upper, lp, vocab_tables(SMALL), options, dtype=np.float64)
@@ -169,11 +182,12 @@ def test_without_lm_weight_the_beam_agrees_with_the_exact_decoder():
             == exact.candidates
         assert beam_decode(upper, lp, SMALL, top_k=2, options=options, lm=None, lm_weight=1.0).candidates \
             == exact.candidates
-        plan = plan_groups(upper, lp, vocab_tables(SMALL), options, dtype=np.float64)
+        kept = replace(options, **dict.fromkeys(exact.relaxed, False))  # no_reuse may leave SMALL too few characters
+        plan = plan_groups(upper, lp, vocab_tables(SMALL), kept, dtype=np.float64)
         rows = _beam_search(lp, plan, SMALL.stoi, None, 0.0, 10_000)
         best = "".join(plan.fixed.get(g, "") or SMALL.itos[c] for g, c in zip(plan.group_of, rows[0]))
         assert _fused(best, lp, SMALL, None, 0.0) == pytest.approx(exact.candidates[0][1], abs=1e-4)
-        brute = _brute_force(upper, lp, SMALL, options, None, 0.0)
+        brute = _brute_force(upper, lp, SMALL, kept, None, 0.0)
         assert exact.candidates[0][1] == pytest.approx(brute[0][1], abs=1e-4)
 
 
@@ -237,3 +251,52 @@ def test_bad_arguments_and_the_empty_line():
     padded = _log_probs(np.random.default_rng(2), 5, VOCAB)  # extra (padding) rows are ignored
     assert beam_decode("天风", padded, VOCAB, lm=LM, lm_weight=1.0).candidates == \
         beam_decode("天风", padded[:2], VOCAB, lm=LM, lm_weight=1.0).candidates
+
+
+# --------------------------------------------------------------------------- no_reuse (不重字)
+
+
+TINY = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风"])  # an upper line of both characters leaves no_reuse nothing
+TINY_LM = _random_lm(TINY, 2, n_lines=10)
+
+
+def test_no_upper_ideograph_in_any_fused_answer_unless_no_reuse_is_relaxed():
+    rng = np.random.default_rng(23)
+    names = ("no_copy", "punctuation", "repetition", "tone", "no_reuse")
+    seen_relaxed = 0
+    for _ in range(200):
+        kind = rng.random()
+        vocab, lm = (TINY, TINY_LM) if kind < 0.2 else (SMALL, SMALL_LM) if kind < 0.6 else (VOCAB, LM)
+        upper = _random_upper(rng, "天风" if vocab is TINY else "天月风雨花水，的", 6)
+        options = DecodeOptions(**{name: bool(rng.random() < 0.7) for name in names})
+        lp = _log_probs(rng, len(upper), vocab)
+        top_k = int(rng.integers(1, 5))
+        res = beam_decode(upper, lp, vocab, top_k=top_k, options=options, lm=lm, lm_weight=float(rng.choice([0.3, 1.0, 3.0])),
+                          beam_size=int(rng.integers(1, 9)))
+        assert res.candidates and res.relaxed == decode(upper, lp, vocab, options=options).relaxed
+        if "no_reuse" in res.relaxed:
+            seen_relaxed += 1
+            requested = [name for name in ("tone", "repetition", "punctuation", "no_copy") if getattr(options, name)]
+            assert res.relaxed == [*requested, "no_reuse"]  # the last rule dropped
+            continue
+        for lower, _ in res.candidates:
+            assert _satisfies(upper, lower, replace(options, **dict.fromkeys(res.relaxed, False))), (upper, lower)
+            assert not options.no_reuse or not _reused(upper, lower)
+    assert seen_relaxed  # the tiny vocabulary does force it sometimes
+
+
+def test_no_reuse_off_is_the_beam_without_the_rule():
+    """With no_reuse off the beam answers as before the rule (brute force without it); on, it equals brute force
+    with it, where a line satisfies every rule."""
+    rng = np.random.default_rng(29)
+    for _ in range(60):
+        upper = _random_upper(rng, "天月风雨，的", 3)
+        lp = _log_probs(rng, len(upper), SMALL)
+        for no_reuse in (False, True):
+            options = DecodeOptions(no_reuse=no_reuse)
+            expected = _brute_force(upper, lp, SMALL, options, SMALL_LM, 1.0)[:2]
+            if not expected:
+                continue
+            res = beam_decode(upper, lp, SMALL, top_k=2, options=options, lm=SMALL_LM, lm_weight=1.0, beam_size=10_000)
+            assert res.relaxed == [] and ("no_reuse" in res.constraints) == no_reuse
+            assert [s for _, s in res.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)

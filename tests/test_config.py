@@ -53,7 +53,7 @@ def test_sections_are_frozen_and_refuse_unknown_keys():
     cfg = Config()
     with pytest.raises(pydantic.ValidationError):
         cfg.train.max_steps = 3
-    with pytest.raises(ConfigError, match=r"^unknown config key decode.top_k \(known: constrained, tone, lm_weight, beam_size\)$"):
+    with pytest.raises(ConfigError, match=r"^unknown config key decode.top_k \(known: constrained, tone, no_reuse, lm_weight, beam_size\)$"):
         config_from_dict({"decode": {"top_k": 3}})
 
 
@@ -173,7 +173,7 @@ def test_former_defaults_fill_only_what_an_old_config_json_lacks():
     filled = with_former_defaults(old)
     assert filled["model"] == {"kind": "gated_cnn", "embed_dim": 16}
     assert filled["train"] == {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": 0.9, "max_minutes": None}
-    assert filled["decode"] == {"lm_weight": 0.0} and filled["vocab_size"] == 50
+    assert filled["decode"] == {"no_reuse": False, "lm_weight": 0.0} and filled["vocab_size"] == 50
     assert "data" not in filled and old["model"] == {"embed_dim": 16}  # no section invented, the input untouched
     assert config_from_dict(with_former_defaults(Config().to_dict())) == Config()  # a complete config keeps its values
 
@@ -202,3 +202,13 @@ def test_a_setting_keeps_its_constraints():
         apply_overrides(Config(), ["train.warmup_steps=-1"])
     with pytest.raises(ConfigError, match=r"^train\.nproc: .*greater than or equal to 1"):
         apply_overrides(Config(), ["train.nproc=0"])
+
+
+def test_no_reuse_is_on_by_default_and_off_for_a_folder_written_before_it():
+    from couplet.core.config import with_former_defaults
+
+    assert Config().decode.no_reuse is True
+    assert apply_overrides(Config(), ["decode.no_reuse=false"]).decode.no_reuse is False
+    old = config_from_dict(with_former_defaults({"decode": {"constrained": True, "tone": False}}))
+    assert old.decode.no_reuse is False  # an old config.json answers as it did: reuse allowed
+    assert config_from_dict(with_former_defaults({"decode": {"no_reuse": True}})).decode.no_reuse is True

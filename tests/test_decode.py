@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from couplet.decoding.constraints import (
 )
 from couplet.decoding.decode import decode, decode_argmax
 from couplet.evaluation.metrics import repetition_match
-from couplet.data.punct import PUNCTUATION, is_punct
+from couplet.data.punct import PUNCTUATION, is_ideograph, is_punct
 from couplet.data.vocab import PAD_TOKEN, UNK, UNK_TOKEN, Vocab
 
 PING_CHARS = "天风花春山红人云"
@@ -61,7 +62,14 @@ def _satisfies(upper: str, lower: str, options: DecodeOptions) -> bool:
     if options.tone and final_tone(upper) == ZE:
         if char_tone(lower[final_position(upper)]) != PING:
             return False
+    if options.no_reuse and _reused(upper, lower):
+        return False
     return True
+
+
+def _reused(upper: str, lower: str) -> set[str]:
+    """The upper line's ideographs found anywhere in the lower line (不重字 forbids any)."""
+    return {ch for ch in upper if is_ideograph(ch) and ch in lower}
 
 
 def _brute_force(upper: str, lp: np.ndarray, vocab: Vocab, options: DecodeOptions) -> list[tuple[str, float]]:
@@ -78,7 +86,7 @@ def _brute_force(upper: str, lp: np.ndarray, vocab: Vocab, options: DecodeOption
 upper_lines = st.lists(
     st.sampled_from(PING_CHARS[:4] + ZE_CHARS[:4] + "，的"), min_size=1, max_size=9
 ).map("".join)
-all_options = st.builds(DecodeOptions, st.booleans(), st.booleans(), st.booleans(), st.booleans())
+all_options = st.builds(DecodeOptions, st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans())
 
 
 # --------------------------------------------------------------------------- constraints always hold
@@ -104,6 +112,7 @@ def test_constrained_decoding_keeps_every_constraint(upper, seed, top_k, tone):
                 assert l == u  # the mark is copied
             else:
                 assert not is_punct(l) and l != u  # no punctuation, no same-position copy
+        assert not _reused(upper, lower)  # 不重字: no upper ideograph anywhere
         assert repetition_match(upper, lower)  # 叠字 stays 叠字, distinct stays distinct
         if tone and final_tone(upper) == ZE:
             assert char_tone(lower[final_position(upper)]) == PING
@@ -123,6 +132,9 @@ def test_top_k_equals_brute_force(upper, seed, top_k, options):
     lp = _log_probs(seed, len(upper), vocab)
     expected = _brute_force(upper, lp, vocab, options)[:top_k]
     got = decode(upper, lp, vocab, top_k=top_k, options=options)
+    if not expected:  # no line satisfies them all (no_reuse leaves few characters): something was relaxed
+        assert got.relaxed and got.candidates
+        return
     assert got.relaxed == []
     assert [s for _, s in got.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)
     for lower, _ in got.candidates:
@@ -141,6 +153,9 @@ def test_murty_fallback_is_exact_too(upper, seed, top_k):
     lp = _log_probs(seed, len(upper), vocab)
     expected = _brute_force(upper, lp, vocab, CONSTRAINED)[:top_k]
     got = decode(upper, lp, vocab, top_k=top_k, options=CONSTRAINED, max_pops=0)
+    assert bool(got.relaxed) == (not expected)
+    if not expected:
+        expected = _brute_force(upper, lp, vocab, replace(CONSTRAINED, **dict.fromkeys(got.relaxed, False)))[:top_k]
     assert [s for _, s in got.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)
 
 
@@ -160,8 +175,7 @@ def test_top1_is_the_assignment_optimum_on_long_lines_with_conflicts():
         groups = list(dict.fromkeys(upper))
         weights = np.stack([lp[[i for i, ch in enumerate(upper) if ch == g]].sum(axis=0) for g in groups])
         weights[:, :2] = -1e9  # PAD, UNK
-        for r, g in enumerate(groups):
-            weights[r, vocab.stoi[g]] = -1e9  # no copy
+        weights[:, [vocab.stoi[g] for g in groups]] = -1e9  # no reuse (so no copy): no upper character anywhere
         rows, cols = linear_sum_assignment(weights, maximize=True)
         assert res.candidates[0][1] == pytest.approx(float(weights[rows, cols].sum()), abs=1e-3)
         assert [s for _, s in res.candidates] == sorted((s for _, s in res.candidates), reverse=True)
@@ -210,7 +224,7 @@ def test_plan_groups_sums_and_masks_alike_in_float32_and_float64():
     fixed marks and masks; a group's row is the sum of its positions' rows in either precision."""
     rng = np.random.default_rng(3)
     chars = PING_CHARS[:3] + ZE_CHARS[:3] + "的，；"  # ； is not in the vocabulary
-    names = ("no_copy", "punctuation", "repetition", "tone")
+    names = ("no_copy", "punctuation", "repetition", "tone", "no_reuse")
     for seed in range(200):
         upper = "".join(rng.choice(list(chars), int(rng.integers(1, 9))))
         options = DecodeOptions(**{name: bool(rng.random() < 0.6) for name in names})
@@ -307,3 +321,81 @@ def test_a_masked_entry_of_one_position_leaves_the_other_groups_alone():
     assert result.relaxed == []
     best = result.candidates[0][0]
     assert best[0] == best[1] and best[2] != best[0] and best[2] != "风"
+
+
+# --------------------------------------------------------------------------- no_reuse (不重字)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    upper=st.lists(st.sampled_from("天月风雨花水，的"), min_size=1, max_size=7).map("".join),
+    seed=st.integers(0, 2**31),
+    top_k=st.integers(1, 5),
+    options=all_options,
+    small=st.booleans(),
+)
+def test_no_upper_ideograph_in_any_answer_unless_no_reuse_is_relaxed(upper, seed, top_k, options, small):
+    """Every candidate of the top k holds no ideograph of the upper line, unless `no_reuse` is reported relaxed; with
+    a small vocabulary it sometimes must be, and then only after every other rule (it is relaxed last)."""
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月雨水的，。"]) if small else VOCAB
+    lp = _log_probs(seed, len(upper), vocab)
+    res = decode(upper, lp, vocab, top_k=top_k, options=options)
+    assert res.candidates
+    assert ("no_reuse" in res.constraints) == (options.no_reuse and "no_reuse" not in res.relaxed)
+    if "no_reuse" in res.relaxed:
+        requested = [name for name in ("tone", "repetition", "punctuation", "no_copy") if getattr(options, name)]
+        assert res.relaxed == [*requested, "no_reuse"]  # the last rule dropped
+    else:
+        for lower, _ in res.candidates:
+            assert not options.no_reuse or not _reused(upper, lower), (upper, lower)
+            assert _satisfies(upper, lower, replace(options, **dict.fromkeys(res.relaxed, False)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(upper=upper_lines, seed=st.integers(0, 2**31), top_k=st.integers(1, 5), options=all_options)
+def test_no_reuse_off_restores_the_answers_without_it(upper, seed, top_k, options):
+    """`no_reuse=False` is the decoding before the rule existed: same plan as without the rule's mask, and where the
+    unrestricted answers reuse nothing, the rule changes nothing."""
+    lp = _log_probs(seed, len(upper))
+    off = decode(upper, lp, VOCAB, top_k=top_k, options=replace(options, no_reuse=False))
+    on = decode(upper, lp, VOCAB, top_k=top_k, options=replace(options, no_reuse=True))
+    assert "no_reuse" not in off.constraints and "no_reuse" not in off.relaxed
+    plan_off = plan_groups(upper, lp, vocab_tables(VOCAB), replace(options, no_reuse=False))
+    plan_on = plan_groups(upper, lp, vocab_tables(VOCAB), replace(options, no_reuse=True))
+    masked = [VOCAB.stoi[ch] for ch in set(upper) if is_ideograph(ch)]
+    plan_off.scores[:, masked] = -np.inf
+    assert np.array_equal(plan_off.scores, plan_on.scores)
+    if on.relaxed == off.relaxed and not any(_reused(upper, lower) for lower, _ in off.candidates):
+        assert on.candidates[0] == off.candidates[0]
+        for (a, sa), (b, sb) in zip(on.candidates, off.candidates):
+            assert sa == pytest.approx(sb, abs=1e-5)
+    assert on.candidates[0][1] <= off.candidates[0][1] + 1e-5 or on.relaxed != off.relaxed
+
+
+def test_no_reuse_keeps_repetition_groups_and_marks():
+    """A repeated upper character maps to one repeated lower character, and that character (like every other) is no
+    ideograph of the upper line; punctuation is copied, not masked."""
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风花月雨水，"])
+    s = vocab.stoi
+    lp = np.full((4, len(vocab)), -6.0, dtype=np.float32)
+    lp[0, s["月"]] = lp[1, s["月"]] = -0.1  # the model would answer the upper's own 月 in the 天天 group
+    lp[0, s["花"]] = lp[1, s["花"]] = -1.0
+    lp[3, s["天"]] = -0.1  # ... and 天 after the mark
+    lp[3, s["雨"]] = -2.0
+    res = decode("天天，月", lp, vocab, top_k=2)
+    assert res.relaxed == [] and "no_reuse" in res.constraints
+    assert res.candidates[0][0] == "花花，雨"
+    for lower, _ in res.candidates:
+        assert lower[0] == lower[1] and lower[2] == "，" and not _reused("天天，月", lower)
+    old = decode("天天，月", lp, vocab, options=replace(CONSTRAINED, no_reuse=False))
+    assert old.candidates[0][0] == "月月，天"  # no same-position copy, but both characters reused
+
+
+def test_no_reuse_is_relaxed_last():
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *"天风"])
+    lp = _log_probs(4, 2, vocab)
+    res = decode("天风", lp, vocab, options=DecodeOptions(tone=True))  # every character is the upper's
+    assert res.relaxed == ["tone", "repetition", "punctuation", "no_copy", "no_reuse"]  # every rule requested, in order
+    assert res.candidates and res.constraints == []
+    res = decode("天天", lp, vocab, top_k=2)  # 风风 reuses nothing: no rule is dropped
+    assert res.relaxed == [] and res.candidates[0][0] == "风风" and len(res.candidates) == 1

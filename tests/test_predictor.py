@@ -203,12 +203,15 @@ def test_evaluate_pairs_and_ablation(predictor):
     rows = ablation(predictor, uppers[:3], refs[:3])
     assert [r["decoding"] for r in rows] == [name for name, _ in ABLATION_VARIANTS]
     assert rows[-2]["copy_rate"] == 0.0 and rows[-2]["repetition_match"] == 1.0
+    by_name = {r["decoding"]: r for r in rows}
+    assert by_name["constrained (default)"]["reuse_rate"] == by_name["+no-reuse"]["reuse_rate"] == 0.0
+    assert "no_reuse" in by_name["constrained (default)"]["constraints"]
     argmax_preds = [predictor.match(u, options=ARGMAX).best for u in uppers[:3]]
     assert evaluate_pairs(predictor, uppers[:3], argmax_preds, constrained=False)[0]["exact_match"] == 1.0
     seed_metrics, _ = evaluate_pairs(predictor, uppers[:3], refs[:3], constrained=False)
     assert rows[0]["bleu"] == seed_metrics["bleu"] and rows[0]["copy_rate"] == seed_metrics["copy_rate"]
     table = ablation_markdown(rows)
-    assert table.count("\n") == len(rows) + 3 and "argmax (seed)" in table
+    assert table.count("\n") == len(rows) + 3 and "argmax (seed)" in table and " reuse |" in table
 
 
 # --------------------------------------------------------------------------- CLI
@@ -289,3 +292,36 @@ def test_cli_evaluate(cli, model_dir, tmp_path):
     assert r.exit_code == 2 and "has 2 lines" in r.stderr and "has 1" in r.stderr
     r = cli([*args[:4], str(tmp_path / "nope.txt"), *args[5:]])
     assert r.exit_code == 2 and "not found" in r.stderr
+
+
+def test_no_reuse_is_the_default_and_a_folder_without_it_answers_as_before(predictor, model_dir, tmp_path):
+    """不重字 on by default (`decode.no_reuse`); a folder whose config.json predates the field answers without it."""
+    import shutil
+    from dataclasses import replace as replace_options
+
+    from couplet.decoding.constraints import CONSTRAINED
+
+    line = "春风得意马蹄疾"
+    assert predictor.decoding.config.no_reuse is True
+    new = predictor.match(line, top_k=3)
+    assert "no_reuse" in new.constraints and new.relaxed == []
+    assert all(not set(c.lower) & set(line) for c in new.candidates)
+    assert predictor.decode_options(constrained=False).no_reuse is False  # the seed's argmax stays the seed's
+
+    old_dir = Path(shutil.copytree(model_dir, tmp_path / "old-run"))
+    for name in ("config.json", "decode.json"):
+        path = old_dir / name
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            section = saved.get("decode", saved) if name == "config.json" else saved
+            section.pop("no_reuse", None)
+            path.write_text(json.dumps(saved), encoding="utf-8")
+    old = Predictor.load(old_dir)
+    assert old.decoding.config.no_reuse is False
+    answered = old.match(line, top_k=3)
+    assert "no_reuse" not in answered.constraints
+    without = predictor.match(line, top_k=3, options=replace_options(CONSTRAINED, no_reuse=False))
+    assert [(c.lower, c.score) for c in answered.candidates] == [(c.lower, c.score) for c in without.candidates]
+    metrics, _ = evaluate_pairs(old, [line], ["秋月扬辉犬吠声"])
+    assert "no_reuse" not in metrics["decoding"]
+    assert "no_reuse" in evaluate_pairs(predictor, [line], ["秋月扬辉犬吠声"])[0]["decoding"]

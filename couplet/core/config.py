@@ -139,6 +139,9 @@ class TrainConfig(_Section):
 class DecodeConfig(_Section):
     constrained: bool = True  # punctuation, repetition structure and no-copy enforced
     tone: bool = False  # also require the lower line to end in a level (平) tone
+    # 不重字: with `constrained`, no ideograph of the upper line anywhere in the lower line (docs/decoding.md); a
+    # folder written before the field existed answers without it
+    no_reuse: bool = setting(True, former=False)
     # shallow fusion of the lower-line bigram LM trained with the model: score = model + lm_weight * LM, searched
     # by beam over positions (couplet/decoding/beam.py); 0 = off, the exact k-best search of couplet/decoding/decode.py
     lm_weight: float = setting(0.0, former=0.0, ge=0)

@@ -9,7 +9,7 @@ left to right instead, ranking hypotheses by
 A hypothesis holds the characters chosen so far and, per repetition group (positions sharing an upper
 character), the group's lower character. Every rule of `decode` (see docs/decoding.md) holds as
 positions are filled: PAD/UNK never; `punctuation` copies the mark (also one missing from the
-vocabulary) and keeps marks elsewhere out; `no_copy`; `repetition` (a group's later positions are forced
+vocabulary) and keeps marks elsewhere out; `no_copy`; `no_reuse` (no ideograph of the upper line anywhere); `repetition` (a group's later positions are forced
 to its character; a new group's character differs from every other group's); `tone` (the final
 position's group allows only 平 characters when the upper line ends 仄). The groups and their masked score
 rows come from `couplet.decoding.constraints.plan_groups`, the setup `decode` uses (summed in float64 here). A group's

@@ -7,6 +7,8 @@ into the k best whole lines under a switchable set of couplet constraints:
 - always: PAD and UNK are never emitted;
 - `no_copy`: lower[i] != upper[i] (the seed's prior; punctuation positions excepted when
   `punctuation` is on, since a mark is copied there);
+- `no_reuse` (不重字): no ideograph of the upper line appears anywhere in the lower line (every
+  free group's row masks the ids of all the upper line's ideographs; punctuation is not an ideograph);
 - `punctuation`: a punctuation position gets the same mark, other positions never get one;
 - `repetition`: upper[i] == upper[j]  <=>  lower[i] == lower[j]. Positions are grouped by
   their upper character; a group gets one lower character, scored by the sum of its
@@ -16,7 +18,7 @@ into the k best whole lines under a switchable set of couplet constraints:
   character whose tone cannot be determined is not allowed there.
 
 `plan_groups` turns a line and its log-probabilities into groups with every requested rule applied
-as -inf masks; `search_relaxing` drops rules (tone, repetition, punctuation, no-copy) while a search
+as -inf masks; `search_relaxing` drops rules (tone, repetition, punctuation, no-copy, no-reuse) while a search
 finds nothing. The tone helpers are also what `couplet.evaluation.metrics` scores with.
 """
 
@@ -29,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from couplet.data.punct import is_punct
+from couplet.data.punct import is_ideograph, is_punct
 from couplet.data.vocab import PAD, UNK, Vocab
 
 __all__ = [
@@ -104,17 +106,20 @@ class DecodeOptions:
     punctuation: bool = True
     repetition: bool = True
     tone: bool = False
+    no_reuse: bool = True  # 不重字: no ideograph of the upper line anywhere in the lower line
 
     @classmethod
-    def from_flags(cls, constrained: bool = True, tone: bool = False) -> "DecodeOptions":
-        """`constrained` switches no-copy, punctuation and repetition together; `tone` is separate."""
-        return cls(no_copy=constrained, punctuation=constrained, repetition=constrained, tone=tone)
+    def from_flags(cls, constrained: bool = True, tone: bool = False, no_reuse: bool = True) -> "DecodeOptions":
+        """`constrained` switches no-copy, punctuation and repetition together, and no-reuse with them when `no_reuse`
+        (a model folder's `decode.no_reuse`); `tone` is separate."""
+        return cls(no_copy=constrained, punctuation=constrained, repetition=constrained, tone=tone,
+                   no_reuse=constrained and no_reuse)
 
     def names(self) -> list[str]:
-        return [name for name in ("no_copy", "punctuation", "repetition", "tone") if getattr(self, name)]
+        return [name for name in ("no_copy", "punctuation", "repetition", "tone", "no_reuse") if getattr(self, name)]
 
 
-ARGMAX = DecodeOptions(no_copy=False, punctuation=False, repetition=False, tone=False)
+ARGMAX = DecodeOptions(no_copy=False, punctuation=False, repetition=False, tone=False, no_reuse=False)
 CONSTRAINED = DecodeOptions()
 
 
@@ -138,7 +143,14 @@ class VocabTables:
         self.punct_ids = np.array(
             [i for i, ch in enumerate(vocab.itos) if i not in (PAD, UNK) and is_punct(ch)], dtype=np.intp
         )
+        # the columns every row masks (PAD/UNK, plus the punctuation ids when the punctuation rule is on)
+        self.always_masked = np.array([PAD, UNK], dtype=np.intp)
+        self.always_masked_punct = np.concatenate([self.always_masked, self.punct_ids])
         self._ping_penalty: np.ndarray | None = None
+        # the ideographs' ids (no_reuse masks those of the upper line): one dict lookup per character on the hot path
+        self.ideograph_ids: dict[str, int] = {
+            ch: i for i, ch in enumerate(vocab.itos) if i not in (PAD, UNK) and len(ch) == 1 and is_ideograph(ch)
+        }
 
     @property
     def ping_penalty(self) -> np.ndarray:
@@ -196,7 +208,8 @@ def plan_groups(
     group's row sums its positions' log-probabilities. PAD/UNK are -inf everywhere; `punctuation`
     fixes punctuation groups to their mark and masks every punctuation id (fixed rows are left as
     they are: callers skip them); `no_copy` masks the group's own upper character (not in fixed
-    groups); `tone` keeps only 平 ids in the final position's group when the upper line ends 仄.
+    groups); `no_reuse` masks the ids of every ideograph of `upper` in every row (fixed rows too, which callers
+    skip; a mark is no ideograph, so a copied mark is never masked); `tone` keeps only 平 ids in the final position's group when the upper line ends 仄.
 
     `dtype` is how groups are summed. float32 (decode's hot path): one matmul of a float32 0/1
     membership matrix with `lp`, whose result follows `lp`'s dtype (float64 log-probs give float64
@@ -224,25 +237,32 @@ def plan_groups(
             scores = _sum_positions(lp, group_of, n_groups, lp.dtype)
     else:
         scores = _sum_positions(lp, group_of, n_groups, dtype)
-    scores[:, PAD] = NEG_INF
-    scores[:, UNK] = NEG_INF
-
+    # the columns masked in every row, set in one fancy-indexed assignment: PAD/UNK, punctuation, the upper's ideographs
+    columns = tables.always_masked
     fixed: dict[int, str] = {}
     if options.punctuation:
         applied.append("punctuation")
         for g, ch in enumerate(group_chars):
             if is_punct(ch):
                 fixed[g] = ch
-        if tables.punct_ids.size:
-            scores[:, tables.punct_ids] = NEG_INF
+        columns = tables.always_masked_punct
+    reused: dict[str, int] = {}
+    if options.no_reuse:
+        ideograph_ids = tables.ideograph_ids
+        reused = {ch: ideograph_ids[ch] for ch in group_chars if ch in ideograph_ids}
+        if reused:
+            columns = np.concatenate([columns, np.fromiter(reused.values(), dtype=np.intp, count=len(reused))])
+    scores[:, columns] = NEG_INF
     if options.no_copy:
         applied.append("no_copy")
         stoi = tables.stoi
         for g, ch in enumerate(group_chars):
-            if g not in fixed:
+            if g not in fixed and ch not in reused:  # a reused ideograph's column is masked already
                 uid = stoi.get(ch)
                 if uid is not None:
                     scores[g, uid] = NEG_INF
+    if options.no_reuse:
+        applied.append("no_reuse")
     if options.repetition:
         applied.append("repetition")
     if options.tone and final_tone(upper) == ZE:
@@ -267,7 +287,7 @@ def checked_log_probs(upper: str, log_probs: np.ndarray, vocab: Vocab) -> np.nda
 # --------------------------------------------------------------------------- relaxing
 
 
-RELAX_ORDER = ("tone", "repetition", "punctuation", "no_copy")  # the order constraints are dropped in
+RELAX_ORDER = ("tone", "repetition", "punctuation", "no_copy", "no_reuse")  # the order constraints are dropped in
 
 
 def search_relaxing(

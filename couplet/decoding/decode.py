@@ -223,6 +223,8 @@ def exact_kbest(
         solutions = [tuple(ids[0] for ids in cands.ids)]
     else:
         found, finished = _kbest_astar(cands, top_k, distinct, max_pops)
+        if not finished and not distinct:  # Murty's assignments are distinct: without that rule, finish the A* (cheap)
+            found, finished = _kbest_astar(cands, top_k, distinct, max_pops=1 << 62)
         if not finished:
             cands.fill()
             found = _kbest_murty(cands.ids, cands.sc, top_k)
@@ -265,7 +267,7 @@ def decode(
 
     `log_probs` is the labeller's (L, V) log-softmax output for this line (rows beyond len(upper),
     e.g. padding, are ignored). If no line satisfies every requested constraint (tiny vocabularies),
-    constraints are dropped in the order tone, repetition, punctuation, no-copy and listed in
+    constraints are dropped in the order tone, repetition, punctuation, no-copy, no-reuse and listed in
     `DecodeResult.relaxed`.
     """
     if top_k < 1:

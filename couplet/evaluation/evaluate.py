@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -40,12 +41,14 @@ from couplet.core.stage import run_cached, stage_key
 # The decoding-ablation rows: each constraint alone on top of the seed's argmax, then combined.
 ABLATION_VARIANTS: list[tuple[str, DecodeOptions]] = [
     ("argmax (seed)", ARGMAX),
-    ("+no-copy", DecodeOptions(no_copy=True, punctuation=False, repetition=False, tone=False)),
-    ("+punctuation", DecodeOptions(no_copy=False, punctuation=True, repetition=False, tone=False)),
-    ("+repetition", DecodeOptions(no_copy=False, punctuation=False, repetition=True, tone=False)),
-    ("+tone", DecodeOptions(no_copy=False, punctuation=False, repetition=False, tone=True)),
-    ("constrained (default)", DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=False)),
-    ("all (+tone)", DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=True)),
+    ("+no-copy", replace(ARGMAX, no_copy=True)),
+    ("+punctuation", replace(ARGMAX, punctuation=True)),
+    ("+repetition", replace(ARGMAX, repetition=True)),
+    ("+tone", replace(ARGMAX, tone=True)),
+    ("+no-reuse", replace(ARGMAX, no_reuse=True)),
+    ("constrained, reuse allowed", DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=False, no_reuse=False)),
+    ("constrained (default)", DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=False, no_reuse=True)),
+    ("all (+tone)", DecodeOptions(no_copy=True, punctuation=True, repetition=True, tone=True, no_reuse=True)),
 ]
 
 
@@ -117,10 +120,11 @@ def evaluate_pairs(
     tone: bool = False,
     batch_size: int = 512,
 ) -> tuple[dict, list[str]]:
-    """(metrics, predictions): decode every upper line and score against the references."""
+    """(metrics, predictions): decode every upper line and score against the references (no-reuse as the
+    predictor's decoding settings say, with `constrained`)."""
     if len(uppers) != len(references):
         raise ValueError(f"{len(uppers)} upper lines but {len(references)} references")
-    options = DecodeOptions.from_flags(constrained=constrained, tone=tone)
+    options = predictor.decode_options(constrained=constrained, tone=tone)
     results = predictor.match_batch(
         uppers, top_k=1, options=options, allow_unknown=True, errors="return", batch_size=batch_size
     )
@@ -162,6 +166,7 @@ ABLATION_COLUMNS = [
     ("char_accuracy", "char acc", "{:.3f}"),
     ("exact_match", "exact", "{:.3f}"),
     ("copy_rate", "copy", "{:.3f}"),
+    ("reuse_rate", "reuse", "{:.3f}"),  # 不重字: lines reusing an upper ideograph anywhere
     ("punct_match", "punct", "{:.3f}"),
     ("repetition_match", "repetition", "{:.3f}"),
     ("tone_rate", "tone", "{:.3f}"),
