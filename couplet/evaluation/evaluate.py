@@ -170,6 +170,8 @@ ABLATION_COLUMNS = [
     ("punct_match", "punct", "{:.3f}"),
     ("repetition_match", "repetition", "{:.3f}"),
     ("tone_rate", "tone", "{:.3f}"),
+    ("tone_opposition", "tone opposition", "{:.3f}"),
+    ("pos_parallel", "POS parallel", "{:.3f}"),
     ("boundary_f1", "boundary F1", "{:.3f}"),
 ]
 
@@ -221,7 +223,11 @@ def samples_markdown(
 
 
 SCORE_COLUMNS = [("ideograph_accuracy", "ideograph acc", "{:.3f}"), ("char_accuracy", "char acc", "{:.3f}"),
-                 ("exact_match", "exact", "{:.3f}"), ("bleu", "BLEU", "{:.2f}")]
+                 ("exact_match", "exact", "{:.3f}"), ("bleu", "BLEU", "{:.2f}"),
+                 # what couplet writers judge by (couplet/evaluation/metrics.py)
+                 ("reuse_rate", "reuse", "{:.3f}"), ("tone_rate", "final tone", "{:.3f}"),
+                 ("tone_opposition", "tone opposition", "{:.3f}"), ("pos_parallel", "POS parallel", "{:.3f}"),
+                 ("repetition_match", "repetition", "{:.3f}")]
 
 
 def scores_markdown(scores: dict[str, dict]) -> str:
@@ -229,7 +235,7 @@ def scores_markdown(scores: dict[str, dict]) -> str:
     lines = ["| test split | " + " | ".join(label for _, label, _ in SCORE_COLUMNS) + " |",
              "| --- |" + " ---: |" * len(SCORE_COLUMNS)]
     for name, metrics in scores.items():
-        lines.append(f"| {name} | " + " | ".join(fmt.format(metrics[key]) for key, _, fmt in SCORE_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt.format(metrics[key]) if key in metrics else "" for key, _, fmt in SCORE_COLUMNS) + " |")
     return "\n".join(lines)
 
 

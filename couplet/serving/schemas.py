@@ -21,7 +21,7 @@ class MatchRequest(BaseModel):
     upper: StrictStr = Field(description="The upper line (上联): Chinese characters, at most the model's max_len.")
     top_k: StrictInt = Field(1, ge=1, le=TOP_K_MAX, description=f"How many lower-line candidates to return (1..{TOP_K_MAX}).")
     tone: StrictBool = Field(False, description="Also require the lower line to end in a level (平) tone.")
-    constrained: StrictBool = Field(True, description="Enforce punctuation, repetition structure and no copying.")
+    constrained: StrictBool = Field(True, description="Enforce punctuation, repetition structure, no copying in place and (unless the model folder turns it off) no reuse of the upper line's characters.")
 
 
 class CandidateOut(BaseModel):
