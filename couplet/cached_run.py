@@ -26,10 +26,13 @@ from couplet.core.atomic import atomic_write_json, read_json
 from couplet.core.catalog import DATASET_LAYOUT, MODEL_FILES, RAW_FILES, STAGE_MANIFEST, Catalog
 from couplet.core.config import Config, DataConfig
 from couplet.core.locks import hold_lock
-from couplet.core.stage import damaged_output, read_stage_manifest, stage_key
+from couplet.core.stage import damaged_output, read_stage_manifest
 from couplet.data.build import build_key
+from couplet.data.ingest import ingest_key
 from couplet.data.raw import IngestError, find_layout, is_url, read_raw_manifest, sha256_file, sha256_layout
 from couplet.data.validate import validate_key
+from couplet.evaluation.evaluate import evaluate_key
+from couplet.modelling.train import train_key, train_run_id
 from couplet.summary import summarize
 
 RUNS_KEPT = 1000  # entries of runs.json: the newest
@@ -108,7 +111,7 @@ def _cached_stages(config: Config, home: Path, sha256: str) -> Iterator[tuple[st
     """(stage, its result as the flow returns it when cached, or None) in the order of STAGES; keys and
     folders as each `run_<stage>` makes them, paths resolved as it hands them back. The caller stops at None."""
     catalog = Catalog(home)
-    ingested = _cached(catalog, "ingest", stage_key("ingest", sha256), ("raw_dir", "pairs_path"))
+    ingested = _cached(catalog, "ingest", ingest_key(sha256), ("raw_dir", "pairs_path"))
     yield "ingest", ingested
     validated = _cached(catalog, "validate", validate_key(ingested["key"], config.data), ("passed_path", "rejects_path", "report_path"))
     if validated and validated.get("data_docs_page"):
@@ -116,12 +119,12 @@ def _cached_stages(config: Config, home: Path, sha256: str) -> Iterator[tuple[st
     yield "validate", validated
     built = _cached(catalog, "build", build_key(validated["key"], config.data), ("build_dir",))
     yield "build", built
-    train_key = stage_key("train", built["key"], config.section_hash("model", "train"))
-    model_dir = catalog.model_dir(f"{built['dataset_version']}-{train_key[:8]}")
-    trained = _cached(catalog, "train", train_key, ("model",), model_dir, MODEL_FILES.train_manifest)
+    trained_key = train_key(built["key"], config)
+    model_dir = catalog.model_dir(train_run_id(built["dataset_version"], trained_key))
+    trained = _cached(catalog, "train", trained_key, ("model",), model_dir, MODEL_FILES.train_manifest)
     yield "train", trained
-    evaluate_key = stage_key("evaluate", trained["key"], config.section_hash("decode", "evaluate"))
-    yield "evaluate", _cached(catalog, "evaluate", evaluate_key, ("model",), model_dir, MODEL_FILES.evaluate_manifest)
+    yield "evaluate", _cached(catalog, "evaluate", evaluate_key(trained["key"], config), ("model",), model_dir,
+                              MODEL_FILES.evaluate_manifest)
 
 
 def _cached(catalog: Catalog, stage: str, key: str, paths: tuple[str, ...], folder: Path | None = None,

@@ -141,11 +141,16 @@ def write_pairs(layout_dir: Path, path: Path) -> dict[str, int]:
     return rows
 
 
+def ingest_key(sha256: str) -> str:
+    """The ingest stage's cache key for a source with this sha256."""
+    return stage_key("ingest", sha256)
+
+
 def run_ingest(cfg: DataConfig, home: Path, force: bool = False, progress: bool = True) -> dict:
     """Stage 1. Returns a small manifest: status, key, raw sha256, paths (absolute) and counts."""
     start = time.perf_counter()
     raw, raw_cached = fetch_raw(cfg, home, progress=progress)
-    key = stage_key("ingest", raw.sha256)
+    key = ingest_key(raw.sha256)
     catalog = Catalog(home)
     out_dir = catalog.stage_dir("ingest", key)
 

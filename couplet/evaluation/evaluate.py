@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Sequence
 
 from couplet.core.atomic import atomic_write_json, atomic_write_text, read_json
-from couplet.evaluation.baseline import DictionaryBaseline
 from couplet.data.build import read_split_text
 from couplet.core.catalog import MODEL_FILES, PROBE_LINES, Catalog
 from couplet.core.config import Config
@@ -244,9 +243,14 @@ def beats_baseline(metrics: dict, baseline_metrics: dict) -> bool:
     return metrics["ideograph_accuracy"] > baseline_metrics["ideograph_accuracy"] + 1e-9
 
 
+def evaluate_key(train_key: str, config: Config) -> str:
+    """The evaluate stage's cache key: the train key and the decode and evaluate config sections."""
+    return stage_key("evaluate", train_key, config.section_hash("decode", "evaluate"))
+
+
 def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool = False) -> dict:
     """Stage 5: decode the test split with the trained model and score it."""
-    key = stage_key("evaluate", trained["key"], config.section_hash("decode", "evaluate"))
+    key = evaluate_key(trained["key"], config)
     catalog = Catalog(home)
     model_dir = catalog.resolve(trained["model"])  # manifests name paths relative to the home
     build_dir = catalog.resolve(built["build_dir"])
@@ -261,6 +265,8 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         predictor = Predictor.load(folder)
         decoding = {"constrained": config.decode.constrained, "tone": config.decode.tone}
         metrics, predictions = evaluate_pairs(predictor, uppers, references, **decoding)
+        from couplet.evaluation.baseline import DictionaryBaseline  # torch (its shard reader): not for key look-ups
+
         baseline = DictionaryBaseline.from_build(build_dir, predictor.config)  # same max_len: same lines answered
         baseline_metrics, baseline_predictions = evaluate_pairs(baseline, uppers, references, **decoding)
         for scored in (metrics, baseline_metrics):

@@ -16,7 +16,6 @@ from couplet.core.config import Config
 from couplet.core.locks import hold_lock
 from couplet.core.stage import run_cached, stage_key
 from couplet.data.vocab import Vocab
-from couplet.modelling.loop import train_in_process
 
 
 def train_labeller(build_dir: Path, config: Config, model_dir: Path, *, progress: bool = True,
@@ -27,6 +26,8 @@ def train_labeller(build_dir: Path, config: Config, model_dir: Path, *, progress
     `stop_after` (tests only, one process) raises loop.TrainingInterrupted after that step, as a kill would.
     """
     if config.train.nproc == 1:
+        from couplet.modelling.loop import train_in_process  # torch: loaded by runs that train, not by key look-ups
+
         return train_in_process(build_dir, config, model_dir, progress=progress, stop_after=stop_after)
     if stop_after is not None:
         raise ValueError("stop_after is for single-process runs (train.nproc=1)")
@@ -44,10 +45,20 @@ def fit_lower_line_lm(build_dir: Path, model_dir: Path) -> None:
     CharBigramLM.fit(read_split_text(build_dir, "train")[1], vocab).save(model_dir / MODEL_FILES.lm)
 
 
+def train_key(build_key: str, config: Config) -> str:
+    """The train stage's cache key: the build's key and the model and train config sections."""
+    return stage_key("train", build_key, config.section_hash("model", "train"))
+
+
+def train_run_id(dataset_version: str, key: str) -> str:
+    """The model folder's name, models/<run-id>/: a killed run resumes in the same folder."""
+    return f"{dataset_version}-{key[:8]}"
+
+
 def run_train(built: dict, config: Config, home: Path, force: bool = False, progress: bool = True) -> dict:
     """Stage 4: train the labeller on the build's shards into models/<run-id>/ (resumes a killed run)."""
-    key = stage_key("train", built["key"], config.section_hash("model", "train"))
-    run_id = f"{built['dataset_version']}-{key[:8]}"
+    key = train_key(built["key"], config)
+    run_id = train_run_id(built["dataset_version"], key)
     model_dir = Catalog(home).model_dir(run_id)
 
     def produce(folder: Path) -> dict:
