@@ -1,5 +1,5 @@
 """The couplet pipeline as Prefect flows. Only orchestration lives here; every stage is a plain
-function `run_<stage>` in `couplet/<stage>.py` that caches by content through `couplet.core.stage` and
+function `run_<stage>` in its module (`couplet.core.catalog.STAGE_MODULES`) that caches by content through `couplet.core.stage` and
 returns a small manifest.
 
 A stage whose output already exists for its cache key ends in a Completed state named `Cached`.
