@@ -145,12 +145,23 @@ class DecodeConfig(_Section):
     # shallow fusion of the lower-line bigram LM trained with the model: score = model + lm_weight * LM, searched
     # by beam over positions (couplet/decoding/beam.py); 0 = off, the exact k-best search of couplet/decoding/decode.py
     lm_weight: float = setting(0.0, former=0.0, ge=0)
-    beam_size: int = Field(default=8, ge=1)  # beam width when lm_weight > 0
+    beam_size: int = Field(default=8, ge=1)  # beam width when lm_weight or a phrase weight above unigrams is > 0
+    # the aligned phrase memory of the train split (couplet/decoding/phrases.py, phrases.parquet in the model folder):
+    # score += phrase_uni * sum log p(lower char | upper char) + phrase_bi * (the same for aligned bigrams) +
+    # phrase_tri * (trigrams); evaluate picks them on the valid split (evaluate.tune_decode) and records them in
+    # decode.json. A folder written before the fields existed answers without the memory
+    phrase_uni: float = setting(0.0, former=0.0, ge=0)
+    phrase_bi: float = setting(0.0, former=0.0, ge=0)
+    phrase_tri: float = setting(0.0, former=0.0, ge=0)
 
 
 class EvaluateConfig(_Section):
     n_samples: int = 20  # random test couplets shown in samples.md next to the probe lines
     max_eval: int | None = None  # evaluate on at most this many test couplets (None = all)
+    # choose decode.phrase_* (and lm_weight when the LM is on) on the valid split, for ideograph accuracy with BLEU as
+    # the tie-break, over couplet.evaluation.tuning's grid; the choice goes to decode.json
+    tune_decode: bool = setting(True, former=False)
+    tune_rows: int = Field(default=2000, ge=1)  # valid couplets the choice is scored on
 
 
 class PromoteConfig(_Section):
