@@ -171,8 +171,9 @@ def test_former_defaults_fill_only_what_an_old_config_json_lacks():
 
     old = {"model": {"embed_dim": 16}, "train": {"ema_decay": 0.9}, "decode": {}, "vocab_size": 50}
     filled = with_former_defaults(old)
-    assert filled["model"] == {"kind": "gated_cnn", "embed_dim": 16}
-    assert filled["train"] == {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": 0.9, "max_minutes": None}
+    assert filled["model"] == {"kind": "gated_cnn", "directions": 1, "embed_dim": 16}
+    assert filled["train"] == {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": 0.9, "max_minutes": None,
+                               "swapped_pairs": False}
     assert filled["decode"] == {"no_reuse": False, "lm_weight": 0.0} and filled["vocab_size"] == 50
     assert "data" not in filled and old["model"] == {"embed_dim": 16}  # no section invented, the input untouched
     assert config_from_dict(with_former_defaults(Config().to_dict())) == Config()  # a complete config keeps its values

@@ -97,6 +97,9 @@ class ModelConfig(_Section):
     attn_layers: int = Field(default=2, ge=1)  # attention kind only: self-attention layers after the gated blocks
     attn_heads: int = Field(default=4, ge=1)  # attention kind only: heads per layer (must divide embed_dim)
     attn_dropout: float = Field(default=0.1, ge=0, lt=1)  # attention kind only: dropout inside the attention layers
+    # 2: a learnt direction embedding (0 "down": upper -> lower, 1 "up": lower -> upper) is added to the character
+    # embedding, so one model answers both ways (train.swapped_pairs); 1: none, a folder written before the field
+    directions: int = setting(2, former=1, ge=1, le=2)
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -134,6 +137,10 @@ class TrainConfig(_Section):
     # bf16 autocast on CPU too (fp32 weights): ~1.4x faster steps on CPUs with native bf16 (AVX512-BF16/AMX),
     # ~30x slower on AVX2-only ones; "auto" turns it on only where the CPU has it
     cpu_bf16: Literal["auto"] | bool = "auto"
+    # also train on every train pair's swap (lower line in, upper line out) marked with direction 1 "up": twice the
+    # rows per epoch, one model for both directions; needs model.directions=2 (checked where training starts).
+    # Validation stays on the valid split's upper -> lower direction
+    swapped_pairs: bool = setting(True, former=False)
 
 
 class DecodeConfig(_Section):

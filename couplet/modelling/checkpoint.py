@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from couplet.core.atomic import atomic_path
-from couplet.core.config import Config, may_change_on_resume
+from couplet.core.config import Config, may_change_on_resume, with_former_defaults
 
 log = logging.getLogger("couplet.modelling.train")
 
@@ -75,6 +75,18 @@ def run_fingerprint(config: Config, vocab_size: int, build_key: str | None) -> d
     return {**sections, "vocab_size": vocab_size, "build_key": build_key}
 
 
+def _as_now(fingerprint):
+    """A checkpoint's fingerprint with each model/train field it lacks at the field's `former` value: a checkpoint
+    written before a field existed was made with the former behaviour (e.g. model.directions 1, no swapped pairs)."""
+    if not isinstance(fingerprint, dict):
+        return fingerprint
+    filled = with_former_defaults(fingerprint)
+    for name in ("model", "train"):
+        if isinstance(filled.get(name), dict):
+            filled[name] = {k: v for k, v in filled[name].items() if k not in may_change_on_resume(name)}
+    return filled
+
+
 def save_checkpoint(path: Path, *, fingerprint: dict, config: Config, model, optimizer, batches, best_weights: dict | None,
                     progress: TrainState, device: torch.device, ema=None) -> None:
     """Write the full state of a run to `path`, atomically."""
@@ -99,7 +111,7 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
     except Exception as exc:  # noqa: BLE001 — truncated, or not a checkpoint at all: a fresh start beats a traceback
         log.warning("ignoring %s: cannot read it (%s); training from scratch", path, one_line(exc))
         return None
-    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != fingerprint:
+    if not isinstance(ckpt, dict) or _as_now(ckpt.get("fingerprint")) != fingerprint:
         log.warning("ignoring %s: it was written with another config or dataset; training from scratch", path)
         return None
     return ckpt

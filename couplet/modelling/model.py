@@ -4,6 +4,10 @@ Su Jianlin (2019), "基于CNN和序列标注的对联机器人": both lines of a
 the lower line is sequence labelling. Embedding (128) -> dropout 0.25 -> 6 residual gated conv blocks -> a
 per-position softmax over the vocabulary. The model and its files live here, nanoGPT style; the two speed
 kernels it calls (fused output layer + loss, small-input convolution) are in couplet/modelling/kernels.py.
+
+With model.directions=2 a learnt direction embedding (row 0 "down": upper -> lower, row 1 "up": lower -> upper)
+is added to the character embedding at every position, so one model answers both ways (train.swapped_pairs);
+with directions=1 (folders written before the field) there is no such parameter and the state dict is as before.
 """
 
 from __future__ import annotations
@@ -82,29 +86,44 @@ class CoupletLabeller(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GatedConvBlock(cfg.embed_dim, cfg.kernel_size) for _ in range(cfg.n_blocks))
         self.head = nn.Linear(cfg.embed_dim, vocab_size)
+        # zero at first and drawing no random numbers, so every other parameter starts as in a model without it
+        self.direction = nn.Embedding(2, cfg.embed_dim, _weight=torch.zeros(2, cfg.embed_dim)) if cfg.directions == 2 else None
 
-    def features(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
+        """The character embedding of ids (B, L), plus the direction's (B,) embedding with model.directions=2
+        (direction None: all 0, "down"); (B, L, d), before dropout."""
+        x = self.embedding(ids)  # (B, L, d)
+        if self.direction is None:
+            if direction is not None and bool(direction.any()):
+                raise ValueError("this model has no direction marker (model.directions=1): it answers only upper -> lower")
+            return x
+        if direction is None:
+            return x + self.direction.weight[0]  # (d,) broadcast: every row "down"
+        return x + self.direction(direction).unsqueeze(1)  # (B, 1, d)
+
+    def features(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output, (B, L, d), zero at PAD positions."""
-        return run_blocks(self.blocks, self.dropout(self.embedding(ids)), ids)
+        return run_blocks(self.blocks, self.dropout(self.embed(ids, direction)), ids)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None):
         """ids (B, L) int64 -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean loss over non-PAD).
+        `direction` (B,) int64: 0 "down" (upper -> lower), 1 "up" (lower -> upper, model.directions=2); None: all 0.
 
         With targets the logits are not materialised for the caller: on CPU the loss is fused with the
         output layer (see couplet.modelling.kernels.fused_linear_cross_entropy). Call without targets, or use log_probs, for logits.
         """
-        x = self.features(ids)  # (B, L, d)
+        x = self.features(ids, direction)  # (B, L, d)
         if targets is None:
             return self.head(x), None  # (B, L, V)
         return None, head_loss(x, self.head, targets)
 
     @torch.no_grad()
-    def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
-        """Log-softmax over the vocabulary, (B, L, V), in eval mode; PAD/UNK are not masked here."""
+    def log_probs(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-softmax over the vocabulary, (B, L, V), in eval mode; PAD/UNK are not masked here. `direction` as in forward."""
         was_training = self.training
         self.eval()
         try:
-            logits, _ = self(ids)
+            logits, _ = self(ids, direction=direction)
             return F.log_softmax(logits.float(), dim=-1)
         finally:
             self.train(was_training)
@@ -128,8 +147,8 @@ class RefiningLabeller(CoupletLabeller):
         self.refine_blocks = nn.ModuleList(GatedConvBlock(cfg.embed_dim, cfg.kernel_size) for _ in range(cfg.refine_blocks))
         self.refine_head = nn.Linear(cfg.embed_dim, vocab_size)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        x = self.features(ids)  # (B, L, d)
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None):
+        x = self.features(ids, direction)  # (B, L, d)
         draft_logits = self.head(x)  # (B, L, V)
         draft = draft_logits.argmax(-1)  # (B, L): no gradient flows through the choice
         y = run_blocks(self.refine_blocks, x + self.draft_embedding(draft), ids)  # (B, L, d)
@@ -158,8 +177,8 @@ class AttentionLabeller(CoupletLabeller):
             for _ in range(cfg.attn_layers)
         )
 
-    def features(self, ids: torch.Tensor) -> torch.Tensor:
-        x = super().features(ids)  # (B, L, d), zero at PAD
+    def features(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
+        x = super().features(ids, direction)  # (B, L, d), zero at PAD
         pad = ids == PAD  # (B, L)
         padding_mask = pad if bool(pad.any()) else None  # equal-length training batches need no mask
         for layer in self.attention:
