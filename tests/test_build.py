@@ -89,6 +89,34 @@ def test_splits_dedupe_vocab_and_shards(tmp_path, home):
     assert meta.row_group(0).column(0).compression == "ZSTD"
 
 
+def test_unordered_is_the_same_for_a_pair_and_its_swap():
+    rng = np.random.default_rng(0)
+    up = rng.integers(0x4E00, 0x4E10, size=(200, 5)).astype(np.uint32)  # few characters: many shared prefixes
+    down = rng.integers(0x4E00, 0x4E10, size=(200, 5)).astype(np.uint32)
+    down[:10] = up[:10]  # equal lines too
+    a, b = build_mod.unordered(up, down), build_mod.unordered(down, up)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert np.array_equal(build_mod.pair_hash(*a), build_mod.pair_hash(*b))
+    assert all(tuple(f) <= tuple(s) for f, s in zip(a[0].tolist(), a[1].tolist()))
+
+
+def test_a_pair_and_its_swap_share_a_split_and_a_swap_of_test_leaves_train(tmp_path, home):
+    train = make_pairs(300, seed=21)
+    test = make_pairs(20, seed=22)
+    swaps = [(d, u) for u, d in train[:150]]
+    swapped_test = [(d, u) for u, d in test[:4]]
+    validated, cfg = _prepare(tmp_path, home, train + swaps + swapped_test, test, valid_fraction=0.3)
+    result = run_build(validated, cfg, home)
+    pairs = {s: {(r["up"], r["down"]) for r in _read_split(result, s)} for s in ("train", "valid", "test")}
+    for u, d in train[:150]:
+        if (u, d) in pairs["train"] | pairs["valid"]:
+            side = "train" if (u, d) in pairs["train"] else "valid"
+            assert (d, u) in pairs[side], (u, d)  # the swap landed beside it
+    assert pairs["valid"] and any((d, u) in pairs["valid"] for u, d in pairs["valid"] if u != d)
+    assert not {(d, u) for u, d in pairs["test"]} & (pairs["train"] | pairs["valid"])  # no swap of a test pair
+    assert len(pairs["test"]) == len(set(test))
+
+
 def test_min_count_and_unk(tmp_path, home):
     train = make_pairs(100) + [("奇字春风", "怪词秋雪")]
     validated, cfg = _prepare(tmp_path, home, train, make_pairs(5, seed=5), valid_fraction=0.0, min_count=2)

@@ -1,8 +1,9 @@
 """Stage 3 — build: deterministic splits, the character vocabulary and length-grouped Parquet shards.
 
 - The dataset's test split stays test. Its train split is divided into train/valid by a stable hash
-  of the pair, so re-runs and appended data never move a pair between splits.
-- Exact duplicate pairs are removed; a pair that is in test is removed from train/valid.
+  of the unordered pair, so re-runs and appended data never move a pair between splits, and a pair and its
+  swap (lower, upper) always land in the same split (training may add each pair's swap: train.swapped_pairs).
+- Exact duplicate pairs are removed; a pair that is in test, or whose swap is, is removed from train/valid.
 - The vocabulary counts characters of the train split only.
 - Each shard holds one split and one line length, so training batches need no padding.
 - The stage streams passed.parquet (see "partitions" below): memory holds a few batches, one hash
@@ -75,6 +76,16 @@ def pair_hash(up: np.ndarray, down: np.ndarray) -> np.ndarray:
     return h
 
 
+def unordered(up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's two codepoint rows in a canonical order, the lexicographically smaller first: (A, B) and (B, A)
+    give the same (first, second)."""
+    differs = up != down  # (N, L)
+    first = differs.argmax(axis=1)  # the first differing position (0 where the lines are equal)
+    rows = np.arange(len(up))
+    swap = up[rows, first] > down[rows, first]  # (N,)
+    return np.where(swap[:, None], down, up), np.where(swap[:, None], up, down)
+
+
 def char_counts(up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct codepoints of both lines (ascending) and how often each occurs."""
     return np.unique(np.concatenate([up.ravel(), down.ravel()]), return_counts=True)
@@ -114,8 +125,8 @@ def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.n
 # --------------------------------------------------------------------------- partitions
 #
 # The build streams: it never holds the pairs whole. Its three rounds of partitions:
-#   1. dedupe_partition, per hash bucket of the pairs (spilled to disk by a hash of the pair text, so equal
-#      pairs share a bucket): which rows to keep;
+#   1. dedupe_partition, per hash bucket of the pairs (spilled to disk by a hash of the unordered pair text, so
+#      equal pairs and swapped ones share a bucket): which rows to keep;
 #   2. split_partition, per batch of the kept rows in their order: each row's split and line length, and the
 #      train split's character counts (merged into the vocabulary);
 #   3. shard_partition, per batch of one (split, length): the ids with the merged vocabulary. This round runs
@@ -128,7 +139,7 @@ def dedupe_partition(bucket: pa.Table, index: int) -> np.ndarray:
     """Round 1, one hash bucket (columns `row`, `is_test`, `up`, `down`): the rows to keep, ascending.
 
     Each distinct test pair keeps its first row; each other distinct pair keeps its first row unless the
-    pair is also in test. Pairs are compared by their text, exactly.
+    pair or its swap (down, up) is in test. Pairs are compared by their text, exactly.
     """
     is_test = bucket["is_test"]
     firsts = []
@@ -138,7 +149,9 @@ def dedupe_partition(bucket: pa.Table, index: int) -> np.ndarray:
         if test_keys is None:
             test_keys = first.select(["up", "down"])
         elif test_keys.num_rows and first.num_rows:
-            first = first.join(test_keys, keys=["up", "down"], join_type="left anti", use_threads=False)
+            swapped = pa.table({"up": test_keys["down"], "down": test_keys["up"]})
+            for keys in (test_keys, swapped):
+                first = first.join(keys, keys=["up", "down"], join_type="left anti", use_threads=False)
         firsts.append(first["row_min"].to_numpy())
     return np.sort(np.concatenate(firsts).astype(np.int64))
 
@@ -154,7 +167,7 @@ def split_partition(batch: pa.Table, index: int, valid_fraction: float) -> dict:
         idx = np.flatnonzero(lengths == length)
         group = batch.take(pa.array(idx))
         up, down = codepoints(group["up"], length), codepoints(group["down"], length)
-        hashes = pair_hash(up, down)
+        hashes = pair_hash(*unordered(up, down))  # a pair and its swap: one hash, one split
         test = is_test[idx]
         valid = ~test & ((hashes % np.uint64(HASH_BUCKETS)) < np.uint64(round(valid_fraction * HASH_BUCKETS)))
         train = ~test & ~valid
@@ -209,11 +222,14 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
     spill_dir = folder / ".spill"
     try:
         # round 1: the pairs by hash bucket, then which rows to keep
-        by_pair = HashSpill(spill_dir / "pairs", -(-rows_in // SPILL_ROWS), ["up", "down"])
+        by_pair = HashSpill(spill_dir / "pairs", -(-rows_in // SPILL_ROWS), ["first", "second"])
         start = 0
         for batch in read_batches(passed_path, ["split", "up", "down"], BATCH_ROWS):
             rows = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
-            by_pair.add(pa.table({"row": rows, "is_test": pc.equal(batch["split"], "test"), "up": batch["up"], "down": batch["down"]}))
+            up, down = batch["up"], batch["down"]
+            ordered = pc.less_equal(up, down)  # bucketed by the unordered pair: a pair and its swap share a bucket
+            by_pair.add(pa.table({"row": rows, "is_test": pc.equal(batch["split"], "test"), "up": up, "down": down,
+                                  "first": pc.if_else(ordered, up, down), "second": pc.if_else(ordered, down, up)}))
             start += batch.num_rows
         keep = np.zeros(rows_in, dtype=bool)  # one byte per row
         for _, kept in _windowed(partitions, dedupe_partition, ((table, i) for i, table in enumerate(by_pair.tables()))):
