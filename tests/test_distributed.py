@@ -63,6 +63,15 @@ def test_batch_size_must_split_evenly_over_the_processes(build, tmp_path):
     assert not (tmp_path / "m" / "checkpoints").exists()
 
 
+def test_a_rank_takes_its_rows_of_every_column_the_direction_too():
+    ranks = object.__new__(Ranks)  # no process group: shard reads only rank and world
+    ranks.rank, ranks.world = 1, 2
+    up, down, direction = torch.arange(8).view(4, 2), torch.arange(8, 16).view(4, 2), torch.tensor([0, 1, 1, 0])
+    u, d, k = ranks.shard(up, down, direction)  # a batch with swapped pairs
+    assert (u.tolist(), d.tolist(), k.tolist()) == ([[4, 5], [6, 7]], [[12, 13], [14, 15]], [1, 0])
+    assert [t.tolist() for t in ranks.shard(up, down)] == [[[4, 5], [6, 7]], [[12, 13], [14, 15]]]
+
+
 def test_failure_line_names_the_killed_rank_first():
     def failure(local_rank, exitcode, timestamp, message=""):
         name = signal.Signals(-exitcode).name if exitcode < 0 else "<N/A>"

@@ -303,3 +303,48 @@ def test_every_configurable_kind_has_its_labeller_class():
     for kind in MODEL_KINDS:
         model = build_labeller(10, ModelConfig(kind=kind, embed_dim=8, attn_heads=2))
         assert type(model) is LABELLERS[kind] and model.kind == kind
+
+
+# --------------------------------------------------------------------------- the direction marker (model.directions)
+
+
+@pytest.mark.parametrize("kind", ["gated_cnn", "refine", "attention"])
+def test_the_direction_embedding_exists_only_with_two_directions(kind):
+    from couplet.modelling.model import build_labeller
+
+    cfg = SMALL.model_copy(update={"kind": kind, "attn_heads": 4, "dropout": 0.0})
+    torch.manual_seed(0)
+    one = build_labeller(50, cfg.model_copy(update={"directions": 1}))
+    torch.manual_seed(0)
+    two = build_labeller(50, cfg.model_copy(update={"directions": 2}))
+    assert "direction.weight" not in one.state_dict() and two.state_dict()["direction.weight"].shape == (2, 32)
+    assert set(two.state_dict()) - set(one.state_dict()) == {"direction.weight"}
+    for name, tensor in one.state_dict().items():  # the marker draws no random numbers: the rest starts the same
+        assert torch.equal(tensor, two.state_dict()[name]), name
+    ids = torch.randint(2, 50, (3, 6))
+    torch.testing.assert_close(two.log_probs(ids), one.log_probs(ids))  # zero at first: no change yet
+    with torch.no_grad():
+        two.direction.weight.normal_()
+    down, up = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    torch.testing.assert_close(two.log_probs(ids), two.log_probs(ids, direction=down))  # None means "down"
+    assert not torch.allclose(two.log_probs(ids, direction=up), two.log_probs(ids, direction=down))
+    mixed = two.log_probs(ids, direction=torch.tensor([0, 1, 0]))  # per row
+    torch.testing.assert_close(mixed[1], two.log_probs(ids, direction=up)[1])
+    torch.testing.assert_close(mixed[2], two.log_probs(ids)[2])
+    _, loss = two(ids, targets=ids, direction=up)
+    loss.backward()
+    assert two.direction.weight.grad[1].abs().sum() > 0 and two.direction.weight.grad[0].abs().sum() == 0
+    with pytest.raises(ValueError, match="only upper -> lower"):
+        one.log_probs(ids, direction=up)
+
+
+def test_a_folder_written_before_directions_loads_without_the_marker(tmp_path):
+    vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
+    old = SMALL.model_copy(update={"directions": 1})
+    save_labeller(tiny_model(len(vocab), directions=1), vocab, Config(model=old), tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    del raw["model"]["directions"], raw["train"]["swapped_pairs"]  # as an older version wrote it
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    model, _, config = load_labeller(tmp_path / "m")
+    assert config.model.directions == 1 and config.train.swapped_pairs is False and model.direction is None
+    assert "direction.weight" not in model.state_dict()

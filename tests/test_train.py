@@ -284,3 +284,64 @@ def test_max_minutes_ends_training_early_and_keeps_a_model(build, tmp_path, monk
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["out_of_time"] and summary["steps"] < 50 * metrics["steps_per_epoch"]
     assert (tmp_path / "m" / "model.safetensors").is_file() and metrics["best_valid_loss"] is not None
+
+
+# --------------------------------------------------------------------------- swapped pairs (train.swapped_pairs)
+
+
+def test_swapped_batches_double_the_rows_with_their_direction(build):
+    from couplet.data.batches import DOWN, UP, count_rows, with_swaps
+
+    train = load_split(build, "train")
+    swapped = with_swaps(train)
+    assert count_rows(swapped) == 2 * count_rows(train) and sorted(swapped) == sorted(train)
+    for length, (up, down) in train.items():
+        inp, out, direction = swapped[length]
+        n = len(up)
+        assert (direction[:n] == DOWN).all() and (direction[n:] == UP).all() and direction.dtype == np.int64
+        assert np.array_equal(inp[:n], up) and np.array_equal(out[:n], down)  # the pairs as they are
+        assert np.array_equal(inp[n:], down) and np.array_equal(out[n:], up)  # then the lower line in, the upper out
+    plain, both = LengthBucketBatches(train, 2, seed=3), LengthBucketBatches(swapped, 2, seed=3)
+    assert len(both) == sum(-(-2 * len(u) // 2) for u, _ in train.values()) >= 2 * len(plain) - len(train)
+    pairs = {tuple(map(tuple, (u, d))) for u, d in ((u, d) for up, down in train.values() for u, d in zip(up.tolist(), down.tolist()))}
+    directions = set()
+    for up, down, direction in both:
+        assert direction.shape == (2,) and up.shape == down.shape
+        for u, d, k in zip(up.tolist(), down.tolist(), direction.tolist()):
+            assert ((tuple(u), tuple(d)) if k == DOWN else (tuple(d), tuple(u))) in pairs
+            directions.add(k)
+    assert directions == {DOWN, UP} and both.epoch == 1
+
+
+def test_swapped_pairs_train_one_model_for_both_directions(build, tmp_path):
+    from couplet.predictor import Predictor
+
+    plain = train_labeller(build, small_config(max_steps=2, swapped_pairs=False), tmp_path / "plain", progress=False)
+    out = tmp_path / "both"
+    summary = train_labeller(build, small_config(epochs=15, patience=100), out, progress=False)
+    metrics, plain_metrics = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "plain"))
+    # 7 train pairs, lengths 4 4 5 5 5 6 7, batches of 4 per length: 1+1+1+1 without swaps, 1+2+1+1 with them
+    assert (plain_metrics["steps_per_epoch"], metrics["steps_per_epoch"]) == (4, 5)
+    assert metrics["train_rows"] == plain_metrics["train_rows"] == 7  # pairs (the swaps are made in training)
+    assert metrics["valid_rows"] == plain_metrics["valid_rows"] and plain["steps"] == 2
+    assert summary["best_valid_loss"] < 0.5  # validation: upper -> lower only, as without swaps
+    model, vocab, config = load_labeller(out)
+    assert config.model.directions == 2 and config.train.swapped_pairs and model.direction is not None
+    predictor = Predictor.load(out)
+    for up, down in PAIRS[:3]:
+        answer = predictor.match(down, direction="up", constrained=False)
+        assert len(answer.best) == len(down)
+    ups = [predictor.match(d, direction="up", constrained=False).best for _, d in PAIRS]
+    assert sum(u == up for u, (up, _) in zip(ups, PAIRS)) >= len(PAIRS) - 1  # it learnt the way back too
+    batch = predictor.match_batch([d for _, d in PAIRS], direction="up", constrained=False)
+    assert [r.best for r in batch] == ups
+
+
+def test_swapped_pairs_need_two_directions(build, tmp_path):
+    from couplet.core.config import ConfigError
+
+    config = replace(small_config(max_steps=2), "model", directions=1)
+    with pytest.raises(ConfigError, match=r"^train\.swapped_pairs=true needs model\.directions=2 .*train\.swapped_pairs=false$"):
+        train_labeller(build, config, tmp_path / "m", progress=False)
+    summary = train_labeller(build, replace(config, "train", swapped_pairs=False), tmp_path / "m", progress=False)
+    assert summary["steps"] == 2 and "direction.weight" not in load_file(tmp_path / "m" / "model.safetensors")

@@ -18,6 +18,9 @@ import torch
 from couplet.data.build import read_build_manifest
 
 Buckets = dict[int, tuple[np.ndarray, np.ndarray]]  # length -> (up_ids (N, L) int64, down_ids (N, L) int64)
+# with_swaps: length -> (input ids (N, L), target ids (N, L), direction (N,)), all int64
+DirectedBuckets = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+DOWN, UP = 0, 1  # directions: upper -> lower (the dataset's), lower -> upper (a swapped pair)
 
 
 def _ids_matrix(column, rows: int, length: int, where: str) -> np.ndarray:
@@ -51,8 +54,18 @@ def load_split(build_dir: str | Path, split: str, max_len: int | None = None) ->
     }
 
 
-def count_rows(buckets: Buckets) -> int:
-    return sum(len(up) for up, _ in buckets.values())
+def count_rows(buckets: Buckets | DirectedBuckets) -> int:
+    return sum(len(columns[0]) for columns in buckets.values())
+
+
+def with_swaps(buckets: Buckets) -> DirectedBuckets:
+    """Each length's pairs followed by their swaps (lower line in, upper line out), with a direction column:
+    DOWN for the pairs, UP for the swaps (train.swapped_pairs)."""
+    out = {}
+    for length, (up, down) in buckets.items():
+        direction = np.concatenate([np.full(len(up), DOWN, np.int64), np.full(len(up), UP, np.int64)])
+        out[length] = (np.concatenate([up, down]), np.concatenate([down, up]), direction)
+    return out
 
 
 class LengthBucketBatches:
@@ -64,27 +77,28 @@ class LengthBucketBatches:
     recipe). One epoch is about total_rows / batch_size batches.
 
     Iterating yields the rest of the current epoch as (up, down) int64 tensors of shape (batch_size, L) and
-    then moves to the next epoch. `state_dict()` / `load_state_dict()` give exact resume: (epoch, position).
+    then moves to the next epoch; from `with_swaps` buckets, (up, down, direction) with direction (batch_size,),
+    a batch mixing directions. `state_dict()` / `load_state_dict()` give exact resume: (epoch, position).
     """
 
-    def __init__(self, buckets: Buckets, batch_size: int, seed: int = 0):
+    def __init__(self, buckets: Buckets | DirectedBuckets, batch_size: int, seed: int = 0):
         if not buckets:
             raise ValueError("no couplets to batch (empty split, or every line longer than max_len)")
-        self.buckets = {length: (torch.from_numpy(up), torch.from_numpy(down)) for length, (up, down) in buckets.items()}
+        self.buckets = {length: tuple(torch.from_numpy(c) for c in columns) for length, columns in buckets.items()}
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
         self.position = 0  # batches of the current epoch already handed out
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(up) / self.batch_size) for up, _ in self.buckets.values())
+        return sum(math.ceil(len(columns[0]) / self.batch_size) for columns in self.buckets.values())
 
     def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """The epoch's batches as (length, row indices); depends only on (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
-        for length, (up, _) in sorted(self.buckets.items()):
-            n = len(up)
+        for length, columns in sorted(self.buckets.items()):
+            n = len(columns[0])
             n_batches = math.ceil(n / self.batch_size)
             need = n_batches * self.batch_size
             order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
@@ -96,9 +110,8 @@ class LengthBucketBatches:
         while self.position < len(plan):
             length, idx = plan[self.position]
             self.position += 1  # counted before yielding: a checkpoint after this step resumes with the next
-            up, down = self.buckets[length]
             rows = torch.from_numpy(idx)
-            yield up.index_select(0, rows), down.index_select(0, rows)  # (batch_size, L) each
+            yield tuple(c.index_select(0, rows) for c in self.buckets[length])  # (batch_size, L) each (+ (batch_size,))
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

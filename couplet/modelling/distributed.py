@@ -91,11 +91,12 @@ class Ranks:
             raise ValueError(f"train.batch_size={batch_size} cannot be split over {self.world} processes: "
                              "make it a multiple of the world size")
 
-    def shard(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of a global batch: rows [rank * B/N, (rank + 1) * B/N)."""
-        part = up.shape[0] // self.world
+    def shard(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's slice of a global batch, (up, down) or (up, down, direction): rows [rank * B/N, (rank + 1) * B/N)
+        of each."""
+        part = batch[0].shape[0] // self.world
         rows = slice(self.rank * part, (self.rank + 1) * part)
-        return up[rows], down[rows]
+        return tuple(t[rows] for t in batch)
 
     def seed_dropout(self, seed: int, step: int) -> None:
         """Ranks other than 0 draw their own dropout masks (rank 0 keeps the one-process RNG stream)."""

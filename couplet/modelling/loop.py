@@ -30,8 +30,8 @@ import torch
 
 from couplet.core.atomic import atomic_write_json
 from couplet.core.catalog import MODEL_FILES, PROBE_LINES
-from couplet.core.config import Config
-from couplet.data.batches import LengthBucketBatches, count_rows, load_split
+from couplet.core.config import Config, ConfigError
+from couplet.data.batches import LengthBucketBatches, count_rows, load_split, with_swaps
 from couplet.data.build import read_build_manifest, read_build_vocab
 from couplet.modelling.checkpoint import TrainState, load_checkpoint, one_line, restore, run_fingerprint, save_checkpoint
 from couplet.modelling.model import save_labeller
@@ -64,7 +64,7 @@ class Place(Protocol):
 
     def device_for(self, device: torch.device) -> torch.device: ...  # this process's device (a rank's own GPU)
     def check_batch(self, batch_size: int) -> None: ...  # raises when the global batch cannot be split evenly
-    def shard(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # its rows
+    def shard(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]: ...  # its rows of each (up, down[, direction])
     def seed_dropout(self, seed: int, step: int) -> None: ...  # ranks but 0 draw their own dropout masks
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...  # the model that steps (DDP: shares gradients)
     def broadcast_object(self, obj): ...  # rank 0's `obj`, on every rank
@@ -87,8 +87,8 @@ class OneProcess:
     def check_batch(self, batch_size: int) -> None:
         pass  # any batch size is one process's batch
 
-    def shard(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return up, down
+    def shard(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return batch
 
     def seed_dropout(self, seed: int, step: int) -> None:
         pass  # the RNG stream stays the one seeded or restored
@@ -153,9 +153,14 @@ class Trainer:
         tc = self.tc
         self.manifest = read_build_manifest(build_dir)
         self.vocab = read_build_vocab(build_dir)
+        if tc.swapped_pairs and self.config.model.directions != 2:
+            raise ConfigError(f"train.swapped_pairs=true needs model.directions=2 (got {self.config.model.directions}): "
+                              "set model.directions=2, or train.swapped_pairs=false")
         self.train_split = load_split(build_dir, "train", tc.max_len)
-        self.valid_split = load_split(build_dir, "valid", tc.max_len)
-        self.batches = LengthBucketBatches(self.train_split, tc.batch_size, seed=tc.seed)
+        self.valid_split = load_split(build_dir, "valid", tc.max_len)  # validated upper -> lower only, swaps or not
+        # with train.swapped_pairs every pair's swap too (direction "up"): twice the batches per epoch
+        self.train_buckets = with_swaps(self.train_split) if tc.swapped_pairs else self.train_split
+        self.batches = LengthBucketBatches(self.train_buckets, tc.batch_size, seed=tc.seed)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * self.steps_per_epoch
         self.log_every = max(1, min(100, self.steps_per_epoch // 10))  # train-loss points in the history
@@ -175,7 +180,7 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 — a checkpoint of another layout: start over (it may have been half loaded)
                 log.warning("ignoring %s: cannot resume from it (%s); training from scratch", self.ckpt_path, one_line(exc))
                 self.model, self.optimizer, self.ema = build_model(self.config, len(self.vocab), self.device)
-                self.batches = LengthBucketBatches(self.train_split, self.tc.batch_size, seed=self.tc.seed)
+                self.batches = LengthBucketBatches(self.train_buckets, self.tc.batch_size, seed=self.tc.seed)
                 self.state = TrainState()
         if self.resumed_from is None and self.place.is_main:
             self.samples_path.unlink(missing_ok=True)
@@ -205,8 +210,8 @@ class Trainer:
     def _train_epoch(self, stop_after: int | None) -> None:
         """Steps to the epoch's end (then its validation and probe lines) or until the run is finished."""
         tick = time.perf_counter()  # a step's time includes fetching its batch
-        for up, down in self.batches:
-            loss = self._step(up, down)
+        for batch in self.batches:  # (up, down) or, with swapped pairs, (up, down, direction)
+            loss = self._step(*batch)
             self.step_seconds += time.perf_counter() - tick
             self._after_step(loss, stop_after)
             if self._finished():
@@ -215,14 +220,14 @@ class Trainer:
         if self.batches.position == 0:  # the epoch ran to its end
             self._end_epoch()
 
-    def _step(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        up, down = self.place.shard(up, down)  # this rank's slice of the global batch
-        up, down = up.to(self.device, non_blocking=True), down.to(self.device, non_blocking=True)
+    def _step(self, *batch: torch.Tensor) -> torch.Tensor:
+        batch = self.place.shard(*batch)  # this rank's slice of the global batch
+        up, down, *direction = (t.to(self.device, non_blocking=True) for t in batch)
         if self.tc.lr_schedule != "constant":
             factor = lr_factor(self.tc, self.state.step, self.total_steps, self.place.seconds)  # rank 0's clock
             for group in self.optimizer.param_groups:
                 group["lr"] = self.tc.lr * factor
-        loss = train_step(self.step_model, self.optimizer, up, down, self.autocast)
+        loss = train_step(self.step_model, self.optimizer, up, down, self.autocast, direction[0] if direction else None)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.loss_sum += loss

@@ -118,10 +118,11 @@ def lr_factor(tc: TrainConfig, step: int, total_steps: int, train_seconds: float
     return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
-def train_step(model, optimizer, up: torch.Tensor, down: torch.Tensor, autocast) -> torch.Tensor:
-    """One optimiser step on a batch; returns the detached loss (no device sync)."""
+def train_step(model, optimizer, up: torch.Tensor, down: torch.Tensor, autocast, direction: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step on a batch (`direction` (B,): each row's, for swapped pairs); returns the detached loss
+    (no device sync)."""
     with autocast:
-        _, loss = model(up, targets=down)
+        _, loss = model(up, targets=down) if direction is None else model(up, targets=down, direction=direction)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
