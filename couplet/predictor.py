@@ -167,16 +167,28 @@ class Predictor:
 
     # ----------------------------------------------------------------- model
 
-    def log_probs(self, lines: Sequence[str]) -> np.ndarray:
-        """(B, L, V) float32 log-probabilities for equally long, already prepared lines."""
+    def log_probs(self, lines: Sequence[str], direction: Literal["down", "up"] = "down") -> np.ndarray:
+        """(B, L, V) float32 log-probabilities for equally long, already prepared lines. `direction` "down": the lines
+        are upper lines, answered with lower ones; "up": lower lines answered with upper ones (a model trained with
+        model.directions=2, train.swapped_pairs; others raise InputError)."""
         import torch
 
+        if direction not in ("down", "up"):
+            raise InputError(f"direction must be down or up, got {direction!r}")
+        directions = getattr(getattr(self.model, "cfg", None), "directions", 1)
+        if direction == "up" and directions != 2:
+            raise InputError("this model answers only upper → lower; retrain with model.directions=2 and "
+                             "train.swapped_pairs=true for the other direction")
         if not lines:
             return np.zeros((0, 0, len(self.vocab)), dtype=np.float32)
         stoi = self.vocab.stoi
         ids = torch.tensor([[stoi.get(ch, UNK) for ch in line] for line in lines], dtype=torch.long)
         with torch.inference_mode():
-            out = self.model.log_probs(ids.to(self.device) if self.device != "cpu" else ids)
+            ids = ids.to(self.device) if self.device != "cpu" else ids
+            if direction == "up":  # the direction marker's row 1, every line
+                out = self.model.log_probs(ids, direction=torch.ones(len(lines), dtype=torch.long, device=ids.device))
+            else:
+                out = self.model.log_probs(ids)
             out = out.float()
             if out.device.type != "cpu":
                 out = out.cpu()
@@ -213,12 +225,14 @@ class Predictor:
         *,
         options: DecodeOptions | None = None,
         allow_unknown: bool = False,
+        direction: Literal["down", "up"] = "down",
     ) -> MatchResult:
         """The `top_k` best lower lines for one upper line. `options` (if given) overrides constrained/tone (and the
-        folder's no_reuse, see `decode_options`)."""
+        folder's no_reuse, see `decode_options`). direction="up": `upper` is a lower line, answered with upper lines
+        (see `log_probs`)."""
         _check_top_k(top_k)
         text = self.prepare(upper, allow_unknown=allow_unknown)
-        lp = self.log_probs([text])[0]
+        lp = self.log_probs([text], direction=direction)[0]
         return self.answer(text, lp, top_k, self._options(constrained, tone, options))
 
     def match_batch(
@@ -232,13 +246,16 @@ class Predictor:
         allow_unknown: bool = False,
         errors: Literal["raise", "return"] = "raise",
         batch_size: int = 512,
+        direction: Literal["down", "up"] = "down",
     ) -> list[MatchResult | InputError]:
         """Answer many lines; equal-length lines share model calls of up to `batch_size` lines.
 
         Results come back in input order. A bad line raises its InputError (errors="raise", the
-        default) or is answered by the InputError object in its slot (errors="return").
+        default) or is answered by the InputError object in its slot (errors="return"). `direction` as in `match`;
+        a model that cannot answer it raises InputError, whatever `errors` says.
         """
         _check_top_k(top_k)
+        self.log_probs([], direction=direction)  # a direction this model cannot answer raises here, once
         opts = self._options(constrained, tone, options)
         results: list[MatchResult | InputError | None] = [None] * len(uppers)
         by_length: dict[int, list[tuple[int, str]]] = {}
@@ -254,7 +271,7 @@ class Predictor:
         for group in by_length.values():
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
-                lp = self.log_probs([text for _, text in chunk])
+                lp = self.log_probs([text for _, text in chunk], direction=direction)
                 for row, (i, text) in enumerate(chunk):
                     results[i] = self.answer(text, lp[row], top_k, opts)
         return results  # type: ignore[return-value]

@@ -133,6 +133,25 @@ def test_match_batch_errors(predictor):
     assert isinstance(out[1], InputError) and isinstance(out[2], InputError)
 
 
+def test_a_model_of_one_direction_refuses_the_other(tmp_path):
+    vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *dict.fromkeys(CHARS), "，", "。"])
+    config = Config(model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, directions=1))
+    one_way = Predictor.load(save_tiny_model(tmp_path / "one-way", config, vocab))
+    message = ("this model answers only upper → lower; retrain with model.directions=2 and train.swapped_pairs=true "
+               "for the other direction")
+    for ask in (lambda: one_way.match("春风", direction="up"), lambda: one_way.match_batch(["春风"], direction="up", errors="return")):
+        with pytest.raises(InputError) as info:
+            ask()
+        assert str(info.value) == message
+    assert one_way.match("春风", direction="down").best == one_way.match("春风").best
+
+
+def test_a_model_of_two_directions_answers_both(predictor):
+    up = predictor.match("春风", direction="up", constrained=False)
+    assert len(up.best) == 2 and up.upper == "春风"
+    assert predictor.match_batch(["春风", "秋月"], direction="up", constrained=False)[0].best == up.best
+
+
 def test_allow_unknown_answers_rare_characters(predictor):
     res = predictor.match("春风吹龘", allow_unknown=True)
     assert len(res.best) == 4
