@@ -145,6 +145,7 @@ def test_configs_seed_yaml_is_the_seed_recipe_whatever_the_defaults():
     assert (t.batch_size, t.lr, t.lr_schedule, t.warmup_steps, t.ema_decay, t.max_len) == (64, 1e-3, "constant", 0, None, 16)
     assert (t.epochs, t.patience, t.max_minutes) == (10, 3, None) and seed.data.min_count == 2
     assert seed.decode.lm_weight == 0.0
+    assert (m.directions, t.swapped_pairs) == (1, False)  # one direction, the dataset's pairs only
 
 
 @pytest.mark.parametrize(
@@ -155,6 +156,8 @@ def test_configs_seed_yaml_is_the_seed_recipe_whatever_the_defaults():
         ("train.ema_decay=1.5", r"^train\.ema_decay: .*less than 1"),
         ("train.lr_schedule=linear", r"^train\.lr_schedule: .*'constant' or 'cosine'"),
         ("train.max_minutes=0", r"^train\.max_minutes: .*greater than 0"),
+        ("model.directions=3", r"^model\.directions: .*less than or equal to 2"),
+        ("train.swapped_pairs=maybe", r"^train\.swapped_pairs: expected true/false"),
     ],
 )
 def test_new_fields_refuse_bad_values_in_one_line(override, message):
