@@ -131,6 +131,9 @@ class Trainer:
     def __init__(self, build_dir: Path, config: Config, model_dir: Path, place: Place, progress: bool):
         self.started = time.perf_counter()
         self.config, self.tc, self.model_dir, self.place, self.progress = config, config.train, model_dir, place, progress
+        if self.tc.swapped_pairs and config.model.directions != 2:  # a check across sections: where training starts
+            raise ConfigError(f"train.swapped_pairs=true needs model.directions=2 (got {config.model.directions}): "
+                              "set model.directions=2, or train.swapped_pairs=false")
         self.device = place.device_for(pick_device(self.tc.device))
         place.check_batch(self.tc.batch_size)
         self.autocast = make_autocast(self.device, self.device.type == "cpu" and resolve_cpu_bf16(self.tc.cpu_bf16))
@@ -153,9 +156,6 @@ class Trainer:
         tc = self.tc
         self.manifest = read_build_manifest(build_dir)
         self.vocab = read_build_vocab(build_dir)
-        if tc.swapped_pairs and self.config.model.directions != 2:
-            raise ConfigError(f"train.swapped_pairs=true needs model.directions=2 (got {self.config.model.directions}): "
-                              "set model.directions=2, or train.swapped_pairs=false")
         self.train_split = load_split(build_dir, "train", tc.max_len)
         self.valid_split = load_split(build_dir, "valid", tc.max_len)  # validated upper -> lower only, swaps or not
         # with train.swapped_pairs every pair's swap too (direction "up"): twice the batches per epoch
