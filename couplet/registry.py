@@ -10,12 +10,12 @@
 A record: `time`, `run_id`, `model_dir` (relative to `$COUPLET_HOME`, as every record under it; older records:
 absolute), `metric`, `promoted`, `reason`, `forced`,
 `challenger_metrics`, `champion_before` (the champion it was compared with, or null),
-`champion_metrics` (that champion's), `baseline_metrics` (the dictionary baseline's on the same
-test pairs, or null) and `baseline_gate` (whether the baseline rule below applied).
+`champion_metrics` (that champion's), `baseline_metrics` (the baseline's on the same test pairs, or null: the
+phrase-table baseline, named by the challenger's `baseline` metric; records before it: the dictionary) and `baseline_gate` (whether the baseline rule below applied).
 Metric sets are stored without nested values (the structure metrics' `references`, curves).
 
-The rule (`decide_promotion`): a model whose test metrics say it does not beat the per-character
-dictionary baseline on ideograph accuracy (`beats_baseline: false`, written by the evaluate stage)
+The rule (`decide_promotion`): a model whose test metrics say it does not beat the baseline (the aligned
+phrase table's decoder; evaluations before it: the per-character dictionary) on ideograph accuracy (`beats_baseline: false`, written by the evaluate stage)
 never becomes champion automatically (`promote.require_baseline=false` turns this off; `couplet
 champion set <run-id> --force` overrides it). Otherwise a new model becomes champion only if it
 beats the champion on the same test split by the configured metric (`promote.metric`, default
@@ -88,7 +88,8 @@ def decide_promotion(
         figures = f" ({ours:.4g} <= {base:.4g})" if ours is not None and base is not None else ""
         return Decision(
             False,
-            f"does not beat the dictionary baseline on ideograph_accuracy{figures}; not promoted automatically "
+            f"does not beat the {challenger_metrics.get('baseline', 'dictionary baseline')} on ideograph_accuracy{figures}; "
+            "not promoted automatically "
             "(promote by hand with `couplet champion set <run-id> --force`)",
         )
     if champion_metrics is None:
@@ -287,11 +288,12 @@ def decision_markdown(record: dict) -> str:
     ]
     theirs = record.get("champion_metrics") or {}
     ours = record.get("challenger_metrics") or {}
-    base = record.get("baseline_metrics")  # the dictionary baseline on the same test pairs, when recorded
+    base = record.get("baseline_metrics")  # the baseline on the same test pairs, when recorded
     keys = [k for k in (*PROMOTION_METRICS, FINGERPRINT_KEY, "n") if k in ours or k in theirs]
     keys += sorted(k for k in ours.keys() | theirs.keys() if k not in keys)
     head = f"| metric | this model | champion before (`{record.get('champion_before') or '-'}`) |"
-    lines += [head + (" dictionary baseline |" if base else ""), "| --- | ---: | ---: |" + (" ---: |" if base else "")]
+    base_name = ours.get("baseline", "dictionary baseline")
+    lines += [head + (f" {base_name} |" if base else ""), "| --- | ---: | ---: |" + (" ---: |" if base else "")]
     def cell(value) -> str:
         return "-" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
 

@@ -34,7 +34,7 @@ def summarize(results: dict[str, dict], seconds: float) -> dict:
         summary["training"] = results["train"].get("training")
     if "evaluate" in results:
         summary["metrics"] = results["evaluate"]["metrics"]
-        summary["baseline"] = results["evaluate"].get("baseline_metrics")  # the dictionary baseline, same test pairs
+        summary["baseline"] = results["evaluate"].get("baseline_metrics")  # the phrase-table baseline, same test pairs
         summary["beats_baseline"] = results["evaluate"].get("beats_baseline")
     if "promote" in results:
         summary["promotion"] = results["promote"]["promotion"]
@@ -45,8 +45,8 @@ WRITER_MEASURES = (("reuse_rate", "reuse"), ("tone_opposition", "tone opposition
 
 
 def metrics_line(summary: dict) -> str | None:
-    """The human summary's test-metrics line: the model beside the dictionary baseline, flagged
-    when the model does not beat it on ideograph accuracy (None before evaluate)."""
+    """The human summary's test-metrics line: the model beside the baseline (the phrase table's; an evaluation made
+    before it: the dictionary's), flagged when the model does not beat it on ideograph accuracy (None before evaluate)."""
     metrics = summary.get("metrics")
     if not metrics:
         return None
@@ -57,9 +57,10 @@ def metrics_line(summary: dict) -> str | None:
         writers = [(label, m[key]) for key, label in WRITER_MEASURES if key in m]
         return line + "".join(f"  {label} {value:.3f}" for label, value in writers)
 
+    name = metrics.get("baseline", "dictionary baseline")
     line = f"test    {scores(metrics)}"
     if summary.get("baseline"):
-        line += f"  (dictionary baseline: {scores(summary['baseline'])})"
+        line += f"  ({name}: {scores(summary['baseline'])})"
     if summary.get("beats_baseline") is False:
-        line += "  -- does not beat the dictionary baseline"
+        line += f"  -- does not beat the {name}"
     return line

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from couplet.decoding.beam import _beam_search, beam_decode
+from couplet.decoding.beam import LMCoupling, _beam_search, beam_decode
 from couplet.decoding.constraints import (
     PING,
     ZE,
@@ -166,7 +166,7 @@ def test_large_beam_finds_the_brute_force_optimum_with_the_lm():
         assert [s for _, s in res.candidates] == pytest.approx([s for _, s in expected], abs=1e-4)
         # the beam alone (without decode's lines joining the finalists) is exact too
         plan = plan_groups(upper, lp, vocab_tables(SMALL), options, dtype=np.float64)
-        rows = _beam_search(lp, plan, SMALL.stoi, SMALL_LM, weight, 10_000)
+        rows, _ = _beam_search(lp, plan, SMALL.stoi, [LMCoupling(SMALL_LM, weight)] if weight else [], 10_000)
         best = "".join(plan.fixed.get(g, "") or SMALL.itos[c] for g, c in zip(plan.group_of, rows[0]))
         assert _fused(best, lp, SMALL, SMALL_LM, weight) == pytest.approx(expected[0][1], abs=1e-4)
 
@@ -184,7 +184,7 @@ def test_without_lm_weight_the_beam_agrees_with_the_exact_decoder():
             == exact.candidates
         kept = replace(options, **dict.fromkeys(exact.relaxed, False))  # no_reuse may leave SMALL too few characters
         plan = plan_groups(upper, lp, vocab_tables(SMALL), kept, dtype=np.float64)
-        rows = _beam_search(lp, plan, SMALL.stoi, None, 0.0, 10_000)
+        rows, _ = _beam_search(lp, plan, SMALL.stoi, [], 10_000)
         best = "".join(plan.fixed.get(g, "") or SMALL.itos[c] for g, c in zip(plan.group_of, rows[0]))
         assert _fused(best, lp, SMALL, None, 0.0) == pytest.approx(exact.candidates[0][1], abs=1e-4)
         brute = _brute_force(upper, lp, SMALL, kept, None, 0.0)

@@ -47,7 +47,7 @@ def test_train_stage_lm_is_fitted_on_the_train_lower_lines(folder):
 
 def test_evaluate_records_its_decoding_and_the_folder_answers_with_it(folder, tmp_path):
     build, model_dir, config = folder
-    fused = replace(config, "decode", lm_weight=0.5, beam_size=4)
+    fused = replace(replace(config, "decode", lm_weight=0.5, beam_size=4), "evaluate", tune_decode=False)
     trained = {"key": "train-key", "model": str(model_dir), "run_id": "run-1"}
     run_evaluate(trained, {"build_dir": str(build)}, fused, tmp_path / "home")
     assert json.loads((model_dir / MODEL_FILES.decode).read_text())["lm_weight"] == 0.5
@@ -102,3 +102,35 @@ def test_match_evaluate_and_the_ablation_decode_through_the_folders_settings(fol
     [row] = ablation(predictor, uppers, references, variants=[("constrained", CONSTRAINED)])
     assert {key: row[key] for key in ("bleu", "char_accuracy", "exact_match")} == \
         {key: metrics[key] for key in ("bleu", "char_accuracy", "exact_match")}
+
+
+def test_evaluate_chooses_the_phrase_weights_on_valid_and_scores_the_phrase_baseline(folder, tmp_path):
+    build, model_dir, config = folder
+    config = replace(config, "evaluate", tune_rows=50)
+    trained = {"key": "train-key", "model": str(model_dir), "run_id": "run-1"}
+    assert not (model_dir / MODEL_FILES.phrases).exists()  # a folder trained before the memory: evaluate fits it
+    result = run_evaluate(trained, {"build_dir": str(build)}, config, tmp_path / "home")
+    assert (model_dir / MODEL_FILES.phrases).is_file()
+    tuning = json.loads((model_dir / MODEL_FILES.tuning).read_text())
+    assert tuning["tuned"] and tuning["n_valid"] == len(TEST) and len(tuning["grid"]) == 18
+    best = max(tuning["grid"], key=lambda r: (round(r["ideograph_accuracy"], 6), r["bleu"]))
+    decoded = json.loads((model_dir / MODEL_FILES.decode).read_text())
+    assert {k: decoded[k] for k in ("phrase_uni", "phrase_bi", "phrase_tri")} == tuning["chosen"] == \
+        {k: best[k] for k in ("phrase_uni", "phrase_bi", "phrase_tri")}
+    metrics = json.loads((model_dir / MODEL_FILES.metrics).read_text())
+    assert metrics["test"]["baseline"] == "phrase-table baseline"
+    assert metrics["test"]["baseline_ideograph_accuracy"] == metrics["test_baseline"]["ideograph_accuracy"]
+    assert metrics["test_baseline"]["model"] == "phrase-baseline" and metrics["test_dictionary"]["model"] == "dictionary-baseline"
+    assert result["beats_baseline"] == (metrics["test"]["ideograph_accuracy"] > metrics["test_baseline"]["ideograph_accuracy"] + 1e-9)
+    samples = (model_dir / MODEL_FILES.samples).read_text()
+    assert "phrase-table baseline" in samples and "Fusion weights chosen on 2 valid couplets" in samples
+    predictor = Predictor.load(model_dir)  # answers as scored: with the memory when a chosen weight is > 0
+    assert (predictor.decoding.phrases is not None) == any(v > 0 for v in tuning["chosen"].values())
+
+
+def test_phrase_weights_without_the_memory_are_a_one_line_error(folder):
+    _, model_dir, _ = folder
+    (model_dir / MODEL_FILES.decode).write_text(json.dumps({"phrase_bi": 0.5}))
+    with pytest.raises(ValueError, match=r"decode\.phrase_bi=0\.5 but .*phrases\.parquet is missing") as info:
+        Predictor.load(model_dir)
+    assert "\n" not in str(info.value)

@@ -141,6 +141,8 @@ def test_a_home_copied_elsewhere_is_all_cached_and_answers(tmp_path, prefect_hom
     run_id = Path(first["model"]).name
     kept = trained_home.home
     assert json.loads((kept / "models" / run_id / "train.json").read_text())["model"] == f"models/{run_id}"  # recorded relative
+    assert (kept / "models" / run_id / "phrases.parquet").is_file()  # the train stage's phrase memory
+    assert json.loads((kept / "models" / run_id / "tuning.json").read_text())["tuned"]  # evaluate chose weights on valid
 
     b = tmp_path / "home-b"
     shutil.copytree(kept, b, symlinks=True)

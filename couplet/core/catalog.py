@@ -148,7 +148,9 @@ class ModelFiles:
     samples: str = "samples.md"  # probe outputs during training; evaluate adds its samples
     curve: str = "curve.png"
     lm: str = "lm.npz"  # the lower-line bigram LM for decode.lm_weight (couplet/decoding/lm.py), written by train
+    phrases: str = "phrases.parquet"  # the aligned phrase memory for decode.phrase_* (couplet/decoding/phrases.py), written by train
     decode: str = "decode.json"  # the decoding settings evaluate scored with; answering uses them (over config.json's)
+    tuning: str = "tuning.json"  # how evaluate chose decode.json's fusion weights on the valid split (every grid point)
     train_manifest: str = "train.json"  # written last by the train stage
     evaluate_manifest: str = "evaluation.json"  # written last by the evaluate stage
 

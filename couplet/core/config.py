@@ -173,7 +173,7 @@ class EvaluateConfig(_Section):
 
 class PromoteConfig(_Section):
     metric: str = "bleu"  # champion/challenger metric; exact_match breaks ties
-    require_baseline: bool = True  # never promote a model that does not beat the dictionary baseline on ideograph accuracy
+    require_baseline: bool = True  # never promote a model that does not beat the phrase-table baseline on ideograph accuracy
 
 
 class Config(BaseModel):

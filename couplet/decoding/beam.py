@@ -1,10 +1,16 @@
-"""Beam search over positions with a lower-line LM fused in (shallow fusion), under the couplet constraints.
+"""Beam search over positions with a lower-line LM and the aligned phrase memory fused in, under the couplet rules.
 
 `couplet.decoding.decode.decode` is exact because a line's score splits into independent per-group terms. A
-character bigram LM (`couplet.decoding.lm.CharBigramLM`) couples neighbouring positions, so `beam_decode` searches
-left to right instead, ranking hypotheses by
+character bigram LM (`couplet.decoding.lm.CharBigramLM`) and the phrase memory's bigrams and trigrams
+(`couplet.decoding.phrases`) couple neighbouring positions, so `beam_decode` searches left to right instead,
+ranking hypotheses by
 
-    score = model log-prob + lm_weight · LM log-prob.
+    score = model log-prob + phrase_uni · Σ log p1 + lm_weight · LM log-prob + phrase_bi · Σ log p2 + phrase_tri · Σ log p3.
+
+The unigram term is per position, so it is added to the model's rows before the search (with only that term,
+the search stays `decode`'s exact one). Each coupling term (`Coupling`: the LM, the phrase windows) scores the
+characters tried at a position given each hypothesis' earlier characters; the phrase memory also proposes the
+characters its n-grams faced, so a phrase the labeller ranks low can still enter the beam.
 
 A hypothesis holds the characters chosen so far and, per repetition group (positions sharing an upper
 character), the group's lower character. Every rule of `decode` (see docs/decoding.md) holds as
@@ -26,6 +32,8 @@ force a relaxation. Without an LM (or with lm_weight 0) `beam_decode` is `decode
 
 from __future__ import annotations
 
+from typing import Protocol, Sequence
+
 import numpy as np
 
 from couplet.decoding.constraints import (
@@ -40,9 +48,10 @@ from couplet.decoding.constraints import (
 )
 from couplet.decoding.decode import decode, exact_kbest
 from couplet.decoding.lm import CharBigramLM
+from couplet.decoding.phrases import LinePhrases, PhraseMemory
 from couplet.data.vocab import UNK, Vocab
 
-__all__ = ["beam_decode", "fused_score"]
+__all__ = ["beam_decode", "Coupling", "LMCoupling", "PhraseCoupling", "fold_unigrams"]
 
 NEG_INF = -np.inf
 
@@ -55,52 +64,115 @@ def _top(row: np.ndarray, n: int) -> np.ndarray:
     return idx[np.argsort(-row[idx], kind="stable")]
 
 
+class Coupling(Protocol):
+    """A score term that depends on neighbouring lower-line characters (weighted already)."""
+
+    def score(self, i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray:
+        """(H, C) float64: the term for trying `cand` (C,) at position i after each hypothesis' `history` (H, >= i);
+        with `paired`, `cand` holds one id per hypothesis and the result is (H,)."""
+        ...
+
+    def proposals(self, i: int) -> np.ndarray:
+        """Ids worth trying at position i whatever the model's rows say (may be empty)."""
+        ...
+
+
+class LMCoupling:
+    """lm_weight · log p(char | previous char) of the lower-line bigram LM; a copied mark outside the vocabulary
+    (UNK) adds 0."""
+
+    def __init__(self, lm: CharBigramLM, weight: float) -> None:
+        self.lm, self.weight = lm, weight
+
+    def score(self, i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray:
+        n = history.shape[0]
+        prev = history[:, i - 1] if i else np.full(n, self.lm.bos)
+        if paired:
+            return np.where(cand != UNK, self.weight * self.lm.pair_log_probs(prev, cand), 0.0)
+        lp = self.lm.pair_log_probs(np.repeat(prev, cand.size), np.tile(cand, n)).reshape(n, cand.size)
+        return np.where(cand[None, :] != UNK, self.weight * lp, 0.0)
+
+    def proposals(self, i: int) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+
+class PhraseCoupling:
+    """phrase_bi · log p2 + phrase_tri · log p3 of the lower n-grams ending at each position (couplet.decoding.phrases)."""
+
+    PROPOSALS = 8  # most frequent lower n-grams per upper n-gram whose last character is tried
+
+    def __init__(self, line: LinePhrases, weights: dict[int, float]) -> None:
+        self.line = line
+        self.weights = {n: w for n, w in weights.items() if w > 0}
+
+    def score(self, i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray:
+        total = np.zeros(history.shape[0] if paired else (history.shape[0], cand.size))
+        for n, weight in self.weights.items():
+            total += weight * self.line.window_log_probs(n, i, history, cand, paired=paired)
+        return total
+
+    def proposals(self, i: int) -> np.ndarray:
+        found = [self.line.proposals(n, i, self.PROPOSALS) for n in self.weights]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def _coupled(couplings: Sequence[Coupling], i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray:
+    total = np.zeros(history.shape[0] if paired else (history.shape[0], cand.size))
+    for coupling in couplings:
+        total += coupling.score(i, history, cand, paired)
+    return total
+
+
 def _beam_search(
-    lp: np.ndarray, plan: GroupPlan, stoi: dict[str, int], lm: CharBigramLM | None, lm_weight: float, beam_size: int
-) -> list[np.ndarray]:
-    """The surviving hypotheses' id rows (an out-of-vocabulary copied mark is UNK), best first."""
+    lp: np.ndarray, plan: GroupPlan, stoi: dict[str, int], couplings: Sequence[Coupling], beam_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The surviving hypotheses' id rows (H, L) (an out-of-vocabulary copied mark is UNK) and their fused scores (H,),
+    best first (none: two empty arrays)."""
     length, n_groups = len(plan.group_of), plan.scores.shape[0]
-    weight = lm_weight if lm is not None else 0.0
     n_candidates = beam_size + n_groups  # other groups use at most n_groups - 1 of them
     ids = np.zeros((1, length), dtype=np.int64)
     group_char = np.full((1, n_groups), -1, dtype=np.int64)
-    model = np.zeros(1)
-    lm_score = np.zeros(1)
+    total = np.zeros(1)
     for i, g in enumerate(plan.group_of):
         n = ids.shape[0]
-        prev = ids[:, i - 1] if i else np.full(n, lm.bos if lm is not None else 0)
-        if g in plan.fixed or group_char[0, g] >= 0:  # a copied mark, or a repeated group's (scored) character
-            if g in plan.fixed:
-                chosen = np.full(n, stoi.get(plan.fixed[g], UNK), dtype=np.int64)
-                model = model + (lp[i, chosen[0]] if chosen[0] != UNK else 0.0)
-            else:
-                chosen = group_char[:, g].copy()
-            if weight and chosen[0] != UNK:
-                lm_score = lm_score + lm.pair_log_probs(prev, chosen)
+        if g in plan.fixed:  # a copied mark: the same character for every hypothesis
+            chosen = np.full(n, stoi.get(plan.fixed[g], UNK), dtype=np.int64)
+            total = total + (lp[i, chosen[0]] if chosen[0] != UNK else 0.0)
+            if couplings:
+                total = total + _coupled(couplings, i, ids, chosen, paired=True)
+        elif group_char[0, g] >= 0:  # a repeated group: its (already scored) character, one per hypothesis
+            chosen = group_char[:, g].copy()
+            if couplings:
+                total = total + _coupled(couplings, i, ids, chosen, paired=True)
         else:  # a new group: the beam_size best (hypothesis, candidate) expansions
-            cand = _top(plan.scores[g], n_candidates)
+            row = plan.scores[g]
+            cand = _top(row, n_candidates)
+            extra = [c.proposals(i) for c in couplings]
+            if any(e.size for e in extra):
+                more = np.concatenate(extra)
+                more = more[(more >= 0) & (more < row.size)]
+                more = more[np.isfinite(row[more])]
+                cand = np.unique(np.concatenate([cand, more]))
             if cand.size == 0:
-                return []
-            total = (model + weight * lm_score)[:, None] + plan.scores[g][cand][None, :]
-            if weight:
-                lm_next = lm.pair_log_probs(np.repeat(prev, cand.size), np.tile(cand, n)).reshape(n, cand.size)
-                total += weight * lm_next
+                return np.zeros((0, length), dtype=np.int64), np.zeros(0)
+            expanded = total[:, None] + row[cand][None, :]
+            if couplings:
+                expanded += _coupled(couplings, i, ids, cand)
             if plan.distinct:
-                total[(cand[None, :, None] == group_char[:, None, :]).any(axis=2)] = NEG_INF
-            flat = total.ravel()
+                expanded[(cand[None, :, None] == group_char[:, None, :]).any(axis=2)] = NEG_INF
+            flat = expanded.ravel()
             keep = min(beam_size, int(np.isfinite(flat).sum()))
             if keep == 0:
-                return []
+                return np.zeros((0, length), dtype=np.int64), np.zeros(0)
             best = _top(flat, keep)
             parent, j = np.divmod(best, cand.size)
             chosen = cand[j]
             ids, group_char = ids[parent], group_char[parent]
             group_char[:, g] = chosen
-            model = model[parent] + plan.scores[g][chosen]
-            lm_score = lm_score[parent] + (lm_next[parent, j] if weight else 0.0)
+            total = flat[best]
         ids[:, i] = chosen
-    order = np.argsort(-(model + weight * lm_score), kind="stable")
-    return [ids[b] for b in order]
+    order = np.argsort(-total, kind="stable")
+    return ids[order], total[order]
 
 
 def _text(plan: GroupPlan, vocab: Vocab, row: np.ndarray) -> str:
@@ -108,13 +180,22 @@ def _text(plan: GroupPlan, vocab: Vocab, row: np.ndarray) -> str:
     return "".join(plan.fixed.get(g, "") or vocab.itos[int(c)] for g, c in zip(plan.group_of, row))
 
 
-def fused_score(line: str, lp: np.ndarray, vocab: Vocab, lm: CharBigramLM | None, lm_weight: float) -> float:
-    """model log-prob + lm_weight · LM log-prob of `line`, in float64 (a mark outside the vocabulary adds 0)."""
-    ids = [vocab.stoi.get(ch, UNK) for ch in line]
-    model = sum(float(lp[i, c]) for i, c in enumerate(ids) if c != UNK)
-    if lm is None or lm_weight == 0:
-        return model
-    return model + lm_weight * lm.ids_log_prob(ids)
+def _line_scores(lines: Sequence[str], lp: np.ndarray, vocab: Vocab, couplings: Sequence[Coupling]) -> np.ndarray:
+    """The fused scores of equally long lines, in float64 (a mark outside the vocabulary adds 0 model score)."""
+    ids = np.array([[vocab.stoi.get(ch, UNK) for ch in line] for line in lines], dtype=np.int64).reshape(len(lines), -1)
+    known = ids != UNK
+    model = np.where(known, lp[np.arange(ids.shape[1])[None, :], ids].astype(np.float64), 0.0).sum(axis=1)
+    for i in range(ids.shape[1]):
+        model += _coupled(couplings, i, ids, ids[:, i], paired=True)
+    return model
+
+
+def fold_unigrams(upper: str, lp: np.ndarray, vocab: Vocab, phrases: PhraseMemory | None, weight: float) -> np.ndarray:
+    """`lp` + weight · log p1(lower char | upper char) of the phrase memory (float32), or `lp` when there is none."""
+    if phrases is None or weight <= 0:
+        return lp
+    upper_ids = np.array([vocab.stoi.get(ch, UNK) for ch in upper], dtype=np.int64)
+    return (lp + weight * phrases.unigram_rows(upper_ids)).astype(np.float32)
 
 
 def beam_decode(
@@ -126,36 +207,52 @@ def beam_decode(
     options: DecodeOptions = CONSTRAINED,
     lm: CharBigramLM | None = None,
     lm_weight: float = 0.0,
+    phrases: PhraseMemory | None = None,
+    phrase_weights: tuple[float, float, float] = (0.0, 0.0, 0.0),
     beam_size: int = 8,
 ) -> DecodeResult:
-    """The `top_k` best lower lines for `upper` by model log-prob + `lm_weight` · LM log-prob (the candidates'
+    """The `top_k` best lower lines for `upper` by the fused score (see the module docstring; the candidates'
     scores), under `options`; relaxes constraints like `decode` when nothing satisfies them all.
 
-    The beam is at least `top_k` wide. With `lm=None` or `lm_weight=0` this is `decode` (exact).
+    The beam is at least `top_k` wide. With no LM or phrase memory (or zero weights) this is `decode` (exact), and
+    with only the phrase unigrams it is `decode` over the model's rows plus theirs.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if lm_weight < 0:
-        raise ValueError(f"lm_weight must be >= 0, got {lm_weight}")
-    if lm is None or lm_weight == 0:
-        return decode(upper, log_probs, vocab, top_k=top_k, options=options)
-    if lm.vocab_size != len(vocab):
+    if lm_weight < 0 or min(phrase_weights) < 0:
+        raise ValueError(f"fusion weights must be >= 0, got lm_weight={lm_weight}, phrase weights {phrase_weights}")
+    if lm is not None and lm.vocab_size != len(vocab):
         raise ValueError(f"the LM has a vocabulary of {lm.vocab_size} characters, the model's has {len(vocab)}")
+    if phrases is not None and phrases.vocab_size != len(vocab):
+        raise ValueError(f"the phrase memory has a vocabulary of {phrases.vocab_size} characters, the model's has {len(vocab)}")
     lp = checked_log_probs(upper, log_probs, vocab)
+    uni, bi, tri = phrase_weights if phrases is not None else (0.0, 0.0, 0.0)
+    lp = fold_unigrams(upper, lp, vocab, phrases, uni)
+    couplings: list[Coupling] = []
+    if lm is not None and lm_weight > 0:
+        couplings.append(LMCoupling(lm, lm_weight))
+    if phrases is not None and (bi > 0 or tri > 0):
+        upper_ids = np.array([vocab.stoi.get(ch, UNK) for ch in upper], dtype=np.int64)
+        couplings.append(PhraseCoupling(phrases.line(upper_ids), {2: bi, 3: tri}))
+    if not couplings:
+        return decode(upper, lp, vocab, top_k=top_k, options=options)
     if not upper:
         return DecodeResult(candidates=[("", 0.0)], constraints=[])
     tables = vocab_tables(vocab)
 
     def attempt(current: DecodeOptions) -> tuple[list[tuple[str, float]], list[str]]:
         plan = plan_groups(upper, lp, tables, current, dtype=np.float64)  # the beam sums groups in float64
-        found = _beam_search(lp, plan, tables.stoi, lm, lm_weight, max(beam_size, top_k))
-        finalists = [_text(plan, vocab, row) for row in found]
+        rows, totals = _beam_search(lp, plan, tables.stoi, couplings, max(beam_size, top_k))
+        scores = {}
+        for row, total in zip(rows, totals.tolist()):
+            scores.setdefault(_text(plan, vocab, row), total)
         exact, _ = exact_kbest(upper, lp, tables, top_k, current)
-        pool = list(dict.fromkeys([*finalists, *(line for line, _ in exact)]))
-        scored = sorted(((line, fused_score(line, lp, vocab, lm, lm_weight)) for line in pool), key=lambda item: -item[1])
+        missing = [line for line, _ in exact if line not in scores]
+        if missing:  # decode's lines the beam pruned join the finalists, scored the same way
+            scores.update(zip(missing, _line_scores(missing, lp, vocab, couplings).tolist()))
+        scored = sorted(scores.items(), key=lambda item: -item[1])
         return scored[:top_k], plan.applied
 
     return search_relaxing(options, attempt)
-

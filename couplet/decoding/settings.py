@@ -5,8 +5,9 @@
 
 A folder's decode section is config.json's (what training wrote) overlaid by decode.json (what evaluate scored
 it with, so match and serve answer the way the folder was scored). With `lm_weight > 0` the folder's lower-line
-LM (lm.npz) is fused in by `couplet.decoding.beam.beam_decode`; otherwise `couplet.decoding.decode.decode`
-answers exactly. The Predictor holds the settings, so evaluate, `couplet match` and `couplet serve` all decode
+LM (lm.npz), and with a `phrase_*` weight > 0 its aligned phrase memory (phrases.parquet), are fused in by
+`couplet.decoding.beam.beam_decode` (with only `phrase_uni`, still the exact search); otherwise
+`couplet.decoding.decode.decode` answers exactly. The Predictor holds the settings, so evaluate, `couplet match` and `couplet serve` all decode
 through `search`.
 """
 
@@ -27,27 +28,34 @@ from couplet.decoding.decode import decode
 
 if TYPE_CHECKING:
     from couplet.decoding.lm import CharBigramLM
+    from couplet.decoding.phrases import PhraseMemory
 
 __all__ = ["DecodeSettings", "read_decode_settings", "search"]
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """A model folder's decode section and the lower-line LM it fuses in (None: exact search)."""
+    """A model folder's decode section, and the lower-line LM and phrase memory it fuses in (None: not used)."""
 
     config: DecodeConfig = field(default_factory=DecodeConfig)
     lm: CharBigramLM | None = None
+    phrases: PhraseMemory | None = None
+
+    @property
+    def phrase_weights(self) -> tuple[float, float, float]:
+        c = self.config
+        return (c.phrase_uni, c.phrase_bi, c.phrase_tri) if self.phrases is not None else (0.0, 0.0, 0.0)
 
     @property
     def fused(self) -> bool:
-        """Whether answers come from the beam search with the LM fused in."""
-        return self.lm is not None and self.config.lm_weight > 0
+        """Whether answers fuse the LM or the phrase memory into the model's scores."""
+        return (self.lm is not None and self.config.lm_weight > 0) or any(w > 0 for w in self.phrase_weights)
 
 
 def read_decode_settings(model_dir: str | Path, trained: DecodeConfig, vocab_size: int) -> DecodeSettings:
     """The settings `model_dir` answers with: `trained` (its config.json's decode section) overlaid by its
-    decode.json when there is one, and its lm.npz when lm_weight > 0. A damaged decode.json or a missing LM
-    is a one-line ValueError."""
+    decode.json when there is one, its lm.npz when lm_weight > 0 and its phrases.parquet when a phrase weight is > 0.
+    A damaged decode.json, or a missing LM or phrase memory, is a one-line ValueError."""
     model_dir = Path(model_dir)
     section = trained
     recorded_path = model_dir / MODEL_FILES.decode
@@ -61,15 +69,26 @@ def read_decode_settings(model_dir: str | Path, trained: DecodeConfig, vocab_siz
                              "re-evaluate (couplet run --force evaluate) or delete it") from None
         # keys another version wrote and this one no longer has are dropped, as in config.json
         section = config_from_dict({"decode": {**trained.model_dump(), **recorded}}, drop_unknown=True).decode
-    if section.lm_weight <= 0:
-        return DecodeSettings(section)
-    from couplet.decoding.lm import CharBigramLM  # scipy.sparse: only folders that fuse pay for it
+    lm = phrases = None
+    if section.lm_weight > 0:
+        from couplet.decoding.lm import CharBigramLM  # scipy.sparse: only folders that fuse pay for it
 
-    lm_path = model_dir / MODEL_FILES.lm
-    if not lm_path.is_file():
-        raise ValueError(f"decode.lm_weight is {section.lm_weight:g} but {lm_path} is missing: "
-                         "retrain (couplet run --force train) or set decode.lm_weight=0")
-    return DecodeSettings(section, CharBigramLM.load(lm_path, vocab_size=vocab_size))
+        lm_path = model_dir / MODEL_FILES.lm
+        if not lm_path.is_file():
+            raise ValueError(f"decode.lm_weight is {section.lm_weight:g} but {lm_path} is missing: "
+                             "retrain (couplet run --force train) or set decode.lm_weight=0")
+        lm = CharBigramLM.load(lm_path, vocab_size=vocab_size)
+    weights = {name: getattr(section, name) for name in ("phrase_uni", "phrase_bi", "phrase_tri")}
+    if any(w > 0 for w in weights.values()):
+        from couplet.decoding.phrases import PhraseMemory
+
+        phrases_path = model_dir / MODEL_FILES.phrases
+        if not phrases_path.is_file():
+            named = ", ".join(f"decode.{k}={v:g}" for k, v in weights.items() if v > 0)
+            raise ValueError(f"{named} but {phrases_path} is missing: "
+                             "retrain (couplet run --force train) or set the decode.phrase_* weights to 0")
+        phrases = PhraseMemory.load(phrases_path, vocab_size=vocab_size)
+    return DecodeSettings(section, lm, phrases)
 
 
 def search(
@@ -81,11 +100,12 @@ def search(
     top_k: int = 1,
     options: DecodeOptions = CONSTRAINED,
 ) -> DecodeResult:
-    """The `top_k` best lower lines for `upper` as `settings` answer: the beam search with the LM fused in (a beam at
-    least `top_k` wide) when they fuse one, else the exact k-best of `decode`."""
+    """The `top_k` best lower lines for `upper` as `settings` answer: the beam search with the LM and phrase memory
+    fused in (a beam at least `top_k` wide) when they fuse one, else the exact k-best of `decode`."""
     if settings.fused:
         from couplet.decoding.beam import beam_decode
 
         return beam_decode(upper, log_probs, vocab, top_k=top_k, options=options, lm=settings.lm,
-                           lm_weight=settings.config.lm_weight, beam_size=max(settings.config.beam_size, top_k))
+                           lm_weight=settings.config.lm_weight, phrases=settings.phrases,
+                           phrase_weights=settings.phrase_weights, beam_size=max(settings.config.beam_size, top_k))
     return decode(upper, log_probs, vocab, top_k=top_k, options=options)

@@ -34,12 +34,17 @@ import numpy as np
 from couplet.core.config import Config
 from couplet.data.batches import load_split
 from couplet.data.build import read_build_vocab
-from couplet.predictor import Predictor
+from couplet.predictor import InputError, Predictor
 from couplet.data.punct import is_punct
 from couplet.data.vocab import PAD, UNK, Vocab
 
 BASELINE_ID = "dictionary-baseline"
 FLOOR = -100.0  # log-probability of what the dictionary never answers (any smoothed entry is above -30)
+
+
+def _forward_only(direction: str) -> None:
+    if direction != "down":
+        raise InputError(f"the baselines answer upper → lower only (direction 'down'), got {direction!r}")
 
 
 class DictionaryBaseline(Predictor):
@@ -82,8 +87,9 @@ class DictionaryBaseline(Predictor):
         with np.errstate(divide="ignore"):
             return np.maximum(np.log(out / out.sum(axis=1, keepdims=True)), np.float32(FLOOR))
 
-    def log_probs(self, lines: Sequence[str]) -> np.ndarray:
-        """(B, L, V) float32 log-probabilities for equally long, already prepared lines."""
+    def log_probs(self, lines: Sequence[str], direction: str = "down") -> np.ndarray:
+        """(B, L, V) float32 log-probabilities for equally long, already prepared lines (upper → lower only)."""
+        _forward_only(direction)
         if not lines:
             return np.zeros((0, 0, len(self.vocab)), dtype=np.float32)
         stoi = self.vocab.stoi
@@ -100,3 +106,43 @@ class DictionaryBaseline(Predictor):
             return None
         lower = self._lower[lo:hi]
         return self.vocab.itos[int(lower[np.argmax(self._count[lo:hi] + self._prior[lower])])]  # q breaks ties
+
+
+PHRASE_BASELINE_ID = "phrase-baseline"
+
+
+class PhraseBaseline(Predictor):
+    """The aligned phrase memory alone, no network: the unigram table's log p1(lower | upper) as the rows, its bigrams and
+    trigrams fused in by the same beam search as a model's (decode.phrase_bi / phrase_tri; phrase_uni stays 0, the
+    rows being the unigrams already). The floor a model must beat (promotion, the run summary)."""
+
+    def __init__(self, memory, vocab: Vocab, config: Config | None = None, weights: tuple[float, float] = (1.0, 0.5)):
+        from couplet.decoding.settings import DecodeSettings
+
+        super().__init__(None, vocab, config, model_id=PHRASE_BASELINE_ID)
+        if memory.vocab_size != len(vocab):
+            raise ValueError(f"the phrase memory has {memory.vocab_size} characters, the vocabulary {len(vocab)}")
+        self.memory = memory
+        decode = self.config.decode.model_copy(update={"phrase_uni": 0.0, "phrase_bi": weights[0], "phrase_tri": weights[1],
+                                                       "lm_weight": 0.0})
+        self.config = self.config.model_copy(update={"decode": decode})
+        self.decoding = DecodeSettings(decode, None, memory)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, vocab: Vocab, config: Config | None = None) -> "PhraseBaseline":
+        """The baseline of a model folder's phrases.parquet (the train split it was trained on)."""
+        from couplet.core.catalog import MODEL_FILES
+        from couplet.decoding.phrases import PhraseMemory
+
+        return cls(PhraseMemory.load(Path(model_dir) / MODEL_FILES.phrases, vocab_size=len(vocab)), vocab, config)
+
+    def log_probs(self, lines: Sequence[str], direction: str = "down") -> np.ndarray:
+        """(B, L, V) float32: each position's log p1(lower char | upper char), floored at FLOOR like the dictionary's."""
+        _forward_only(direction)
+        if not lines:
+            return np.zeros((0, 0, len(self.vocab)), dtype=np.float32)
+        stoi = self.vocab.stoi
+        ids = np.array([[stoi.get(ch, UNK) for ch in line] for line in lines], dtype=np.int64)
+        unique, inverse = np.unique(ids, return_inverse=True)
+        rows = np.maximum(self.memory.unigram_rows(unique), np.float32(FLOOR))
+        return rows[inverse.reshape(ids.shape)]

@@ -7,11 +7,13 @@
 - `ablation(predictor, uppers, references)`: the same metrics for each decoding variant, from the
   seed's argmax to every couplet constraint (each model call is shared by all variants). Both decode
   through the predictor, as its decoding settings say (couplet.decoding.settings).
-- `run_evaluate(trained, built, config, home)`: stage 5, the test split of a build scored with the
-  trained model into the model folder (`metrics.json` "test", `samples.md`, `evaluation.json`),
-  beside the dictionary baseline of the build's train split (couplet.evaluation.baseline), scored on the same
-  pairs with the same decoding: `metrics.json` "test_baseline", a column of `samples.md`, and
-  `baseline_ideograph_accuracy` / `beats_baseline` in the test metrics (what promotion reads).
+- `run_evaluate(trained, built, config, home)`: stage 5. It chooses the phrase-memory fusion weights on the
+  valid split (couplet.evaluation.tuning; `decode.json`, and every grid point in `tuning.json`), then scores the
+  test split with the trained model into the model folder (`metrics.json` "test", `samples.md`,
+  `evaluation.json`), beside the phrase-table baseline of the build's train split (couplet.evaluation.baseline,
+  the floor: `metrics.json` "test_baseline", a column of `samples.md`, and `baseline_ideograph_accuracy` /
+  `beats_baseline` in the test metrics, what promotion reads) and the per-character dictionary for reference
+  ("test_dictionary"), all on the same pairs with the same rules.
 
 Characters missing from the model's vocabulary are fed to the model as UNK here (test sets contain
 rare characters); lines that still cannot be answered (empty, too long, Latin letters) get an empty
@@ -198,7 +200,7 @@ def samples_markdown(
     baseline=None, baseline_predictions: list[str] | None = None, preamble: str = "",
 ) -> tuple[str, list[dict]]:
     """The probe lines plus `n_samples` random test couplets with reference and output (and the
-    dictionary baseline's output, when `baseline` and its test predictions are given), after
+    baseline's output, when `baseline` and its test predictions are given), after
     `preamble` (Markdown, e.g. the scores)."""
     def probe(answerer) -> list[str]:
         results = answerer.match_batch(list(PROBE_LINES), constrained=config.decode.constrained, tone=config.decode.tone,
@@ -214,7 +216,7 @@ def samples_markdown(
         for row, out in zip(rows, probe(baseline) + [baseline_predictions[i] for i in tests]):
             row["baseline"] = out
     columns = ["kind", "upper", "reference", "output"] + (["baseline"] if with_baseline else [])
-    head = ["", "upper (上联)", "reference (下联)", "model"] + (["dictionary baseline"] if with_baseline else [])
+    head = ["", "upper (上联)", "reference (下联)", "model"] + ([BASELINE_NAME] if with_baseline else [])
     lines = ["## Evaluation samples", "", *([preamble, ""] if preamble else [])]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
@@ -238,8 +240,11 @@ def scores_markdown(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+BASELINE_NAME = "phrase-table baseline"  # the floor: couplet.evaluation.baseline.PhraseBaseline
+
+
 def beats_baseline(metrics: dict, baseline_metrics: dict) -> bool:
-    """Whether a model's ideograph accuracy is above the dictionary baseline's (on the same pairs)."""
+    """Whether a model's ideograph accuracy is above the baseline's (on the same pairs)."""
     return metrics["ideograph_accuracy"] > baseline_metrics["ideograph_accuracy"] + 1e-9
 
 
@@ -248,48 +253,97 @@ def evaluate_key(train_key: str, config: Config) -> str:
     return stage_key("evaluate", train_key, config.section_hash("decode", "evaluate"))
 
 
+def _tuned_decode(folder: Path, build_dir: Path, config: Config) -> tuple[Config, dict]:
+    """The decode section evaluate scores (and the folder answers with from now on): config's, with the phrase weights
+    chosen on the valid split when `evaluate.tune_decode`; and what the choice saw (rows, the baseline's weights)."""
+    from couplet.evaluation.baseline import PhraseBaseline
+    from couplet.evaluation.tuning import BASELINE_GRID, PHRASE_GRID, choose_decode, sample_rows
+    from couplet.modelling.train import fit_phrase_memory  # torch: not for key look-ups
+
+    if not (folder / MODEL_FILES.phrases).is_file():  # a folder trained before the memory existed
+        fit_phrase_memory(build_dir, folder)
+    tuning: dict = {"tuned": False, "baseline_weights": [1.0, 0.5]}
+    if not config.evaluate.tune_decode:
+        return config, tuning
+    uppers, references = sample_rows(*read_split_text(build_dir, "valid"), config.evaluate.tune_rows, config.train.seed)
+    if not uppers:
+        return config, tuning
+    from couplet.decoding.phrases import PhraseMemory
+
+    atomic_write_json(folder / MODEL_FILES.decode, config.decode.model_dump())  # not an earlier evaluation's choice
+    predictor = Predictor.load(folder)
+    memory = PhraseMemory.load(folder / MODEL_FILES.phrases, vocab_size=len(predictor.vocab))
+    predictor.decoding = replace(predictor.decoding, phrases=memory)  # every grid point uses it, whatever config says
+    chosen, rows = choose_decode(predictor, uppers, references, PHRASE_GRID)
+    base = PhraseBaseline(memory, predictor.vocab, predictor.config)
+    _, base_rows = choose_decode(base, uppers, references, BASELINE_GRID)
+    best_base = max(base_rows, key=lambda r: (round(r["ideograph_accuracy"], 6), r["bleu"]))
+    tuning = {"tuned": True, "n_valid": len(uppers), "grid": rows, "baseline_grid": base_rows,
+              "baseline_weights": [best_base["phrase_bi"], best_base["phrase_tri"]],
+              "chosen": {key: getattr(chosen, key) for key in ("phrase_uni", "phrase_bi", "phrase_tri")}}
+    return config.model_copy(update={"decode": chosen}), tuning
+
+
 def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: bool = False) -> dict:
-    """Stage 5: decode the test split with the trained model and score it."""
+    """Stage 5: choose the fusion weights on valid, decode the test split with the trained model and score it beside
+    the phrase-table baseline (the floor) and the dictionary (for reference)."""
     key = evaluate_key(trained["key"], config)
     catalog = Catalog(home)
     model_dir = catalog.resolve(trained["model"])  # manifests name paths relative to the home
     build_dir = catalog.resolve(built["build_dir"])
 
     def produce(folder: Path) -> dict:
+        from couplet.evaluation.baseline import DictionaryBaseline, PhraseBaseline  # torch: not for key look-ups
+
         uppers, references = read_split_text(build_dir, "test")
         fingerprint = fingerprint_pairs(uppers, references, config.evaluate.max_eval)  # of the whole split
         if config.evaluate.max_eval is not None:
             uppers, references = uppers[: config.evaluate.max_eval], references[: config.evaluate.max_eval]
+        scored_config, tuning = _tuned_decode(folder, build_dir, config)
         # the decoding settings this evaluation scores are the folder's from now on (match/serve answer with them)
-        atomic_write_json(folder / MODEL_FILES.decode, config.decode.model_dump())
+        atomic_write_json(folder / MODEL_FILES.decode, scored_config.decode.model_dump())
+        atomic_write_json(folder / MODEL_FILES.tuning, tuning)
         predictor = Predictor.load(folder)
         decoding = {"constrained": config.decode.constrained, "tone": config.decode.tone}
         metrics, predictions = evaluate_pairs(predictor, uppers, references, **decoding)
-        from couplet.evaluation.baseline import DictionaryBaseline  # torch (its shard reader): not for key look-ups
+        from couplet.decoding.phrases import PhraseMemory
 
-        baseline = DictionaryBaseline.from_build(build_dir, predictor.config)  # same max_len: same lines answered
+        memory = predictor.decoding.phrases or PhraseMemory.load(folder / MODEL_FILES.phrases, len(predictor.vocab))
+        baseline = PhraseBaseline(memory, predictor.vocab, predictor.config, weights=tuple(tuning["baseline_weights"]))
         baseline_metrics, baseline_predictions = evaluate_pairs(baseline, uppers, references, **decoding)
-        for scored in (metrics, baseline_metrics):
+        dictionary = DictionaryBaseline.from_build(build_dir, predictor.config)  # same max_len: same lines answered
+        dictionary_metrics, _ = evaluate_pairs(dictionary, uppers, references, **decoding)
+        for scored in (metrics, baseline_metrics, dictionary_metrics):
             scored["test_fingerprint"] = fingerprint
             scored["n_test"] = len(uppers)
+        metrics["baseline"] = BASELINE_NAME
         metrics["baseline_ideograph_accuracy"] = baseline_metrics["ideograph_accuracy"]
         metrics["beats_baseline"] = beats_baseline(metrics, baseline_metrics)
-        preamble = scores_markdown({f"model ({len(uppers)} couplets)": metrics, "dictionary baseline": baseline_metrics})
+        metrics["dictionary_ideograph_accuracy"] = dictionary_metrics["ideograph_accuracy"]
+        preamble = scores_markdown({f"model ({len(uppers)} couplets)": metrics, BASELINE_NAME: baseline_metrics,
+                                    "dictionary (reference)": dictionary_metrics})
+        if tuning["tuned"]:
+            chosen = tuning["chosen"]
+            preamble += (f"\n\nFusion weights chosen on {tuning['n_valid']} valid couplets: phrase unigrams "
+                         f"{chosen['phrase_uni']:g}, bigrams {chosen['phrase_bi']:g}, trigrams {chosen['phrase_tri']:g} "
+                         f"(the baseline: bigrams {tuning['baseline_weights'][0]:g}, trigrams {tuning['baseline_weights'][1]:g}).")
         if not metrics["beats_baseline"]:
-            preamble += "\n\nThe model does **not** beat the dictionary baseline on ideograph accuracy."
+            preamble += f"\n\nThe model does **not** beat the {BASELINE_NAME} on ideograph accuracy."
         samples_md, sample_rows = samples_markdown(predictor, uppers, references, predictions, config,
                                                    baseline, baseline_predictions, preamble)
 
         all_metrics = read_json(folder / MODEL_FILES.metrics)
         all_metrics["test"] = metrics
         all_metrics["test_baseline"] = baseline_metrics
+        all_metrics["test_dictionary"] = dictionary_metrics
         atomic_write_json(folder / MODEL_FILES.metrics, all_metrics)
         samples_path = folder / MODEL_FILES.samples
         previous = samples_path.read_text(encoding="utf-8") if samples_path.is_file() else ""
         previous = previous.split("## Evaluation samples")[0].rstrip()  # training's probe outputs stay
         atomic_write_text(samples_path, (previous + "\n\n" if previous else "") + samples_md)
         return {"model": catalog.relative(model_dir), "run_id": trained["run_id"], "metrics": metrics, "samples": sample_rows,
-                "baseline_metrics": baseline_metrics, "beats_baseline": metrics["beats_baseline"]}
+                "baseline_metrics": baseline_metrics, "dictionary_metrics": dictionary_metrics,
+                "beats_baseline": metrics["beats_baseline"]}
 
     with hold_lock(home, f"models/{trained['run_id']}"):  # metrics.json and samples.md are rewritten
         result = run_cached("evaluate", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.evaluate_manifest,

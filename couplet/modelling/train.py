@@ -45,6 +45,18 @@ def fit_lower_line_lm(build_dir: Path, model_dir: Path) -> None:
     CharBigramLM.fit(read_split_text(build_dir, "train")[1], vocab).save(model_dir / MODEL_FILES.lm)
 
 
+def fit_phrase_memory(build_dir: Path, model_dir: Path) -> dict:
+    """The aligned phrase memory of the build's train split, for decode.phrase_*: model_dir/phrases.parquet.
+    Returns its sizes (entries per order, MB in memory)."""
+    from couplet.data.batches import load_split
+    from couplet.decoding.phrases import PhraseMemory
+
+    vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
+    memory = PhraseMemory.fit(load_split(build_dir, "train"), len(vocab))
+    memory.save(model_dir / MODEL_FILES.phrases)
+    return memory.describe()
+
+
 def train_key(build_key: str, config: Config) -> str:
     """The train stage's cache key: the build's key and the model and train config sections."""
     return stage_key("train", build_key, config.section_hash("model", "train"))
@@ -64,6 +76,7 @@ def run_train(built: dict, config: Config, home: Path, force: bool = False, prog
     def produce(folder: Path) -> dict:
         summary = train_labeller(Path(built["build_dir"]), config, folder, progress=progress)
         fit_lower_line_lm(Path(built["build_dir"]), folder)
+        fit_phrase_memory(Path(built["build_dir"]), folder)
         return {
             "run_id": run_id,
             "model": Catalog(home).relative(model_dir),  # relative to the home, like every record under it
@@ -76,5 +89,5 @@ def run_train(built: dict, config: Config, home: Path, force: bool = False, prog
         if force:
             shutil.rmtree(model_dir / MODEL_FILES.checkpoints, ignore_errors=True)
         trained = run_cached("train", key, model_dir, produce, force=force, manifest_name=MODEL_FILES.train_manifest,
-                             outputs=(*MODEL_FILES.required, MODEL_FILES.lm), in_place=True)
+                             outputs=(*MODEL_FILES.required, MODEL_FILES.lm, MODEL_FILES.phrases), in_place=True)
     return Catalog(home).resolved(trained, ("model",))  # under the current home, as the other run_<stage> hand back

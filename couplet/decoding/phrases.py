@@ -1,0 +1,295 @@
+"""The aligned phrase memory: how often each upper n-gram (n = 1..3) faced each lower n-gram at the same positions.
+
+Couplets align position by position, so every upper n-gram of a training pair maps to the lower n-gram at
+the same positions: the phrase table of the statistical couplet systems (Jiang & Zhou 2008). The labeller
+generalises; the memory remembers, and the two are fused in decoding (couplet.decoding.beam).
+
+    memory = PhraseMemory.fit(buckets, vocab_size)     # {length: (up_ids (N, L), down_ids (N, L))}: a build's train split
+    memory.save(model_dir / "phrases.parquet"); PhraseMemory.load(path, vocab_size=V)
+    memory.unigram_rows(upper_ids)                     # (L, V) log p1(lower char | upper char)
+    memory.line(upper_ids).window_log_probs(n, i, history, cand)   # log p_n of the n-grams ending at position i
+
+Probabilities, with q the lower characters' frequency in the aligned counts (add-one smoothed; PAD/UNK 0):
+
+    p1(l | u)       = (c(u, l) + q(l)) / (c(u) + 1)
+    p_n(l.. | u..)  = (c(u.., l..) + β · b) / (c(u..) + β),   b = Π_k p1(l_k | u_k),  β = 1     (n = 2, 3)
+
+so an upper n-gram never seen backs off to the product of unigrams, and a seen one pulls towards the lower
+n-grams it faced. Windows holding PAD or UNK on either side are not counted, and score 0 (no preference).
+
+In memory each n is a CSR-like table over sorted integer codes (an n-gram of ids is Σ id_k · V^(n-1-k), so
+V may be up to ~2 million): `up_keys` (distinct upper codes), `starts` (their rows' offsets), `low_keys`
+(lower codes, ascending within a row) and `counts`. On disk it is one Parquet file, columns n, upper, lower,
+count, sorted by (n, upper, lower); `min_counts` prunes entries seen fewer times (per n) when fitting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from couplet.core.atomic import atomic_path
+from couplet.data.vocab import PAD, UNK
+
+__all__ = ["PhraseMemory", "LinePhrases", "ORDERS"]
+
+ORDERS = (1, 2, 3)
+_FORMAT = "1"
+_BETA = 1.0
+_CACHE_ROWS = 2048  # cached unigram rows: 32 KB each at V = 8 000
+_RETRAIN = "retrain (couplet run --force train) or restore the file"
+_SCHEMA = pa.schema([("n", pa.int8()), ("upper", pa.int64()), ("lower", pa.int64()), ("count", pa.int32())])
+
+
+def _codes(ids: np.ndarray, n: int, vocab_size: int) -> np.ndarray:
+    """(N, L) ids -> (N, L - n + 1) int64 codes of every n-gram window."""
+    length = ids.shape[1]
+    codes = np.zeros((ids.shape[0], length - n + 1), dtype=np.int64)
+    for k in range(n):
+        codes = codes * vocab_size + ids[:, k : length - n + 1 + k]
+    return codes
+
+
+def _known(ids: np.ndarray, n: int) -> np.ndarray:
+    """(N, L - n + 1) bool: windows without PAD/UNK."""
+    ok = ids > UNK
+    length = ids.shape[1]
+    out = np.ones((ids.shape[0], length - n + 1), dtype=bool)
+    for k in range(n):
+        out &= ok[:, k : length - n + 1 + k]
+    return out
+
+
+@dataclass(frozen=True)
+class NgramTable:
+    """One order's counts: upper code `up_keys[j]` faced lower codes `low_keys[starts[j]:starts[j+1]]` that often."""
+
+    up_keys: np.ndarray  # (U,) int64, ascending
+    starts: np.ndarray  # (U + 1,) int64
+    low_keys: np.ndarray  # (E,) int64, ascending within a row
+    counts: np.ndarray  # (E,) int32
+    totals: np.ndarray  # (U,) float64: each row's sum
+
+    @classmethod
+    def from_sorted(cls, upper: np.ndarray, lower: np.ndarray, counts: np.ndarray) -> "NgramTable":
+        up_keys, first = np.unique(upper, return_index=True)
+        starts = np.append(first, len(upper)).astype(np.int64)
+        totals = np.add.reduceat(counts.astype(np.float64), first) if len(first) else np.zeros(0)
+        return cls(up_keys, starts, lower.astype(np.int64), counts.astype(np.int32), totals)
+
+    @property
+    def entries(self) -> int:
+        return len(self.low_keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.up_keys, self.starts, self.low_keys, self.counts, self.totals))
+
+    def row(self, upper_code: int) -> tuple[int, int, float]:
+        """(start, stop, total) of an upper code's entries; an unseen code gives an empty range and total 0."""
+        j = int(np.searchsorted(self.up_keys, upper_code))
+        if j == len(self.up_keys) or self.up_keys[j] != upper_code:
+            return 0, 0, 0.0
+        return int(self.starts[j]), int(self.starts[j + 1]), float(self.totals[j])
+
+    def lookup(self, start: int, stop: int, lower: np.ndarray) -> np.ndarray:
+        """Counts of the lower codes `lower` (any shape) within the row [start, stop); 0 where unseen."""
+        if stop == start:
+            return np.zeros(lower.shape)
+        keys = self.low_keys[start:stop]
+        pos = np.minimum(np.searchsorted(keys, lower), stop - start - 1)
+        return np.where(keys[pos] == lower, self.counts[start:stop][pos], 0).astype(np.float64)
+
+
+class PhraseMemory:
+    """Aligned n-gram counts of a train split (see the module docstring)."""
+
+    def __init__(self, vocab_size: int, tables: Mapping[int, NgramTable]) -> None:
+        if set(tables) != set(ORDERS):
+            raise ValueError(f"a phrase memory needs the orders {ORDERS}, got {sorted(tables)}")
+        self.vocab_size = int(vocab_size)
+        self.tables = dict(tables)
+        uni = self.tables[1]
+        prior = np.bincount(uni.low_keys, weights=uni.counts, minlength=self.vocab_size)[: self.vocab_size] + 1.0
+        prior[[PAD, UNK]] = 0.0
+        self.prior = prior / prior.sum()  # q: the lower characters' frequency
+        with np.errstate(divide="ignore"):
+            self._log_prior = np.log(self.prior).astype(np.float32)
+        self._unigram_row = lru_cache(maxsize=_CACHE_ROWS)(self._compute_unigram_row)
+
+    # ------------------------------------------------------------------ fitting
+
+    @classmethod
+    def fit(cls, buckets: Mapping[int, tuple[np.ndarray, np.ndarray]], vocab_size: int,
+            min_counts: Mapping[int, int] | None = None) -> "PhraseMemory":
+        """Count the aligned n-grams of `buckets` ({length: (up_ids, down_ids)}); entries seen fewer than
+        `min_counts[n]` times are dropped (default: none)."""
+        min_counts = dict(min_counts or {})
+        tables = {}
+        for n in ORDERS:
+            uppers, lowers = [], []
+            for length, (up, down) in buckets.items():
+                if length < n or not len(up):
+                    continue
+                keep = _known(up, n) & _known(down, n)
+                uppers.append(_codes(up, n, vocab_size)[keep])
+                lowers.append(_codes(down, n, vocab_size)[keep])
+            upper = np.concatenate(uppers) if uppers else np.zeros(0, np.int64)
+            lower = np.concatenate(lowers) if lowers else np.zeros(0, np.int64)
+            order = np.lexsort((lower, upper))
+            upper, lower = upper[order], lower[order]
+            new = np.ones(len(upper), dtype=bool)
+            new[1:] = (upper[1:] != upper[:-1]) | (lower[1:] != lower[:-1])
+            first = np.flatnonzero(new)
+            counts = np.diff(np.append(first, len(upper)))
+            upper, lower = upper[first], lower[first]
+            kept = counts >= min_counts.get(n, 1)
+            tables[n] = NgramTable.from_sorted(upper[kept], lower[kept], counts[kept])
+        return cls(vocab_size, tables)
+
+    # ------------------------------------------------------------------ scoring
+
+    def unigram_rows(self, upper_ids: np.ndarray) -> np.ndarray:
+        """(len(upper_ids), V) float32 log p1(lower char | upper char); -inf for PAD/UNK."""
+        return np.stack([self._unigram_row(int(u)) for u in np.asarray(upper_ids).tolist()]) if len(upper_ids) else \
+            np.zeros((0, self.vocab_size), dtype=np.float32)
+
+    def _compute_unigram_row(self, upper_id: int) -> np.ndarray:
+        table = self.tables[1]
+        start, stop, total = table.row(upper_id) if upper_id > UNK else (0, 0, 0.0)
+        if stop == start:
+            row = self._log_prior
+        else:
+            probs = self.prior.copy()
+            probs[table.low_keys[start:stop]] += table.counts[start:stop]
+            with np.errstate(divide="ignore"):
+                row = np.log(probs / (total + _BETA)).astype(np.float32)
+        row.flags.writeable = False  # shared by the cache
+        return row
+
+    def line(self, upper_ids: np.ndarray, unigram_rows: np.ndarray | None = None) -> "LinePhrases":
+        """The memory's view of one upper line (ids), for scoring lower-line windows during a search."""
+        return LinePhrases(self, np.asarray(upper_ids, dtype=np.int64), unigram_rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(table.nbytes for table in self.tables.values()) + self.prior.nbytes
+
+    def describe(self) -> dict:
+        return {f"entries_{n}": self.tables[n].entries for n in ORDERS} | {"mbytes": round(self.nbytes / 2**20, 1)}
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | Path) -> None:
+        """One Parquet file, written atomically."""
+        parts = []
+        for n in ORDERS:
+            t = self.tables[n]
+            upper = np.repeat(t.up_keys, np.diff(t.starts))
+            parts.append(pa.table({"n": pa.array(np.full(len(upper), n, np.int8)), "upper": upper, "lower": t.low_keys,
+                                   "count": t.counts}, schema=_SCHEMA))
+        table = pa.concat_tables(parts).replace_schema_metadata(
+            {"format": _FORMAT, "vocab_size": str(self.vocab_size)})
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+
+    @classmethod
+    def load(cls, path: str | Path, vocab_size: int | None = None) -> "PhraseMemory":
+        """Read a file written by `save`; a missing, damaged or mismatched file is a one-line ValueError."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: {_RETRAIN}")
+        try:
+            table = pq.read_table(path)
+            meta = table.schema.metadata or {}
+            if meta.get(b"format") != _FORMAT.encode():
+                raise ValueError(f"format {meta.get(b'format')!r}, expected {_FORMAT}")
+            size = int(meta[b"vocab_size"])
+            n = table.column("n").to_numpy()
+            upper, lower = table.column("upper").to_numpy(), table.column("lower").to_numpy()
+            counts = table.column("count").to_numpy()
+            tables = {}
+            for order in ORDERS:
+                rows = n == order
+                u, low = upper[rows], lower[rows]
+                if len(u) and (np.any(np.diff(u) < 0) or u.min() < 0 or low.min() < 0 or u.max() >= size**order
+                               or low.max() >= size**order):
+                    raise ValueError(f"order {order}: codes out of range or unsorted")
+                tables[order] = NgramTable.from_sorted(u, low, counts[rows])
+            memory = cls(size, tables)
+        except Exception as exc:  # pyarrow fails in several ways on a truncated file
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"{path} is damaged ({reason}): {_RETRAIN}") from None
+        if vocab_size is not None and vocab_size != memory.vocab_size:
+            raise ValueError(f"{path} was counted for a vocabulary of {memory.vocab_size} characters, "
+                             f"the model's has {vocab_size}: retrain (couplet run --force train)")
+        return memory
+
+
+class LinePhrases:
+    """One upper line's windows: the n-gram scores of lower-line hypotheses as a search fills positions."""
+
+    def __init__(self, memory: PhraseMemory, upper_ids: np.ndarray, unigram_rows: np.ndarray | None) -> None:
+        self.memory = memory
+        self.upper_ids = upper_ids
+        self.uni = (unigram_rows if unigram_rows is not None else memory.unigram_rows(upper_ids)).astype(np.float64)
+        self._rows: dict[tuple[int, int], tuple[int, int, float]] = {}
+
+    def _row(self, n: int, i: int) -> tuple[int, int, float] | None:
+        """The table row of the upper n-gram ending at position i (None when it holds PAD/UNK or starts before 0)."""
+        if i - n + 1 < 0:
+            return None
+        key = (n, i)
+        if key not in self._rows:
+            window = self.upper_ids[i - n + 1 : i + 1]
+            if np.any(window <= UNK):
+                self._rows[key] = None  # type: ignore[assignment]
+            else:
+                code = 0
+                for u in window.tolist():
+                    code = code * self.memory.vocab_size + u
+                self._rows[key] = self.memory.tables[n].row(code)
+        return self._rows[key]
+
+    def window_log_probs(self, n: int, i: int, history: np.ndarray, cand: np.ndarray, *, paired: bool = False) -> np.ndarray:
+        """log p_n of the lower n-grams ending at position i. `history` (H, >= i) holds the hypotheses' ids before i;
+        `cand` (C,) the ids tried at i after every hypothesis -> (H, C), or with `paired` one id per hypothesis
+        (C = H) -> (H,). 0 where the upper or lower window holds PAD/UNK."""
+        row = self._row(n, i)
+        shape = (history.shape[0],) if paired else (history.shape[0], cand.shape[0])
+        if row is None:
+            return np.zeros(shape)
+        start, stop, total = row
+        size = self.memory.vocab_size
+        window = history[:, i - n + 1 : i]  # (H, n - 1)
+        prefix = np.zeros(history.shape[0], dtype=np.int64)
+        for k in range(n - 1):
+            prefix = prefix * size + window[:, k]
+        backoff = self.uni[np.arange(i - n + 1, i), window].sum(axis=1)  # (H,)
+        known = (window > UNK).all(axis=1)
+        if paired:
+            lower, backoff, known = prefix * size + cand, backoff + self.uni[i, cand], known & (cand > UNK)
+        else:
+            lower = (prefix * size)[:, None] + cand[None, :]
+            backoff = backoff[:, None] + self.uni[i, cand][None, :]
+            known = known[:, None] & (cand > UNK)[None, :]
+        seen = self.memory.tables[n].lookup(start, stop, lower)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores = np.log(seen + _BETA * np.exp(backoff)) - np.log(total + _BETA)
+        return np.where(known, scores, 0.0)
+
+    def proposals(self, n: int, i: int, limit: int) -> np.ndarray:
+        """The last characters of the `limit` most frequent lower n-grams facing the upper n-gram ending at i."""
+        row = self._row(n, i)
+        if row is None or row[1] == row[0]:
+            return np.zeros(0, dtype=np.int64)
+        start, stop, _ = row
+        table = self.memory.tables[n]
+        best = np.argsort(-table.counts[start:stop], kind="stable")[:limit]
+        return np.unique(table.low_keys[start:stop][best] % self.memory.vocab_size)
