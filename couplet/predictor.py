@@ -42,7 +42,7 @@ class ModelNotFoundError(FileNotFoundError):
 @dataclass(frozen=True)
 class Candidate:
     lower: str
-    score: float  # total log-probability of the line under the model (+ decode.lm_weight × the LM's when fused)
+    score: float  # the line's log-probability under the model, plus the weighted LM and phrase-memory terms when fused (docs/decoding.md)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from modelkit import save_tiny_model
 from shardkit import make_build_dir
 
-from couplet.evaluation.baseline import BASELINE_ID, FLOOR, DictionaryBaseline
+from couplet.evaluation.baseline import BASELINE_ID, FLOOR, PHRASE_BASELINE_ID, DictionaryBaseline
 from couplet.core.config import Config, DataConfig, EvaluateConfig, ModelConfig
 from couplet.decoding.decode import ARGMAX
 from couplet.evaluation.evaluate import evaluate_pairs, run_evaluate
@@ -106,8 +106,10 @@ def test_run_evaluate_writes_the_baseline(tmp_path, build):
     result = run_evaluate(trained, {"build_dir": str(build)}, config, tmp_path / "home")
 
     saved = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
-    test, base = saved["test"], saved["test_baseline"]
-    assert base["model"] == BASELINE_ID and base["n_test"] == test["n_test"] == len(TEST)
+    test, base, dictionary = saved["test"], saved["test_baseline"], saved["test_dictionary"]
+    assert base["model"] == PHRASE_BASELINE_ID and base["n_test"] == test["n_test"] == len(TEST)  # the floor
+    assert dictionary["model"] == BASELINE_ID and dictionary["n_test"] == len(TEST)  # kept for reference
+    assert test["dictionary_ideograph_accuracy"] == dictionary["ideograph_accuracy"]
     assert base["test_fingerprint"] == test["test_fingerprint"]
     assert test["baseline_ideograph_accuracy"] == base["ideograph_accuracy"]
     assert test["beats_baseline"] == (test["ideograph_accuracy"] > base["ideograph_accuracy"])
@@ -115,8 +117,8 @@ def test_run_evaluate_writes_the_baseline(tmp_path, build):
     assert all("baseline" in row for row in result["samples"])
 
     samples = (model_dir / "samples.md").read_text(encoding="utf-8")
-    assert "|  | upper (上联) | reference (下联) | model | dictionary baseline |" in samples
-    assert "| dictionary baseline | " in samples and "ideograph acc" in samples
-    assert ("does **not** beat the dictionary baseline" in samples) == (not test["beats_baseline"])
+    assert "|  | upper (上联) | reference (下联) | model | phrase-table baseline |" in samples
+    assert "| phrase-table baseline | " in samples and "| dictionary (reference) | " in samples and "ideograph acc" in samples
+    assert ("does **not** beat the phrase-table baseline" in samples) == (not test["beats_baseline"])
     manifest = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))
     assert manifest["baseline_metrics"]["ideograph_accuracy"] == base["ideograph_accuracy"]
