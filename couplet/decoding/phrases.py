@@ -70,18 +70,21 @@ def _known(ids: np.ndarray, n: int) -> np.ndarray:
 class NgramTable:
     """One order's counts: upper code `up_keys[j]` faced lower codes `low_keys[starts[j]:starts[j+1]]` that often."""
 
-    up_keys: np.ndarray  # (U,) int64, ascending
+    up_keys: np.ndarray  # (U,) int32 or int64 (whichever holds V^n), ascending
     starts: np.ndarray  # (U + 1,) int64
-    low_keys: np.ndarray  # (E,) int64, ascending within a row
+    low_keys: np.ndarray  # (E,) like up_keys, ascending within a row
     counts: np.ndarray  # (E,) int32
-    totals: np.ndarray  # (U,) float64: each row's sum
+    totals: np.ndarray  # (U,) float32: each row's sum
 
     @classmethod
-    def from_sorted(cls, upper: np.ndarray, lower: np.ndarray, counts: np.ndarray) -> "NgramTable":
-        up_keys, first = np.unique(upper, return_index=True)
-        starts = np.append(first, len(upper)).astype(np.int64)
-        totals = np.add.reduceat(counts.astype(np.float64), first) if len(first) else np.zeros(0)
-        return cls(up_keys, starts, lower.astype(np.int64), counts.astype(np.int32), totals)
+    def from_sorted(cls, upper: np.ndarray, lower: np.ndarray, counts: np.ndarray, code_limit: int) -> "NgramTable":
+        """From entries sorted by (upper, lower); codes stay below `code_limit` (V^n), which picks the narrowest dtype."""
+        code_dtype = np.int32 if code_limit <= np.iinfo(np.int32).max else np.int64
+        first = np.flatnonzero(np.concatenate([[True], upper[1:] != upper[:-1]])) if len(upper) else np.zeros(0, np.int64)
+        totals = np.add.reduceat(np.asarray(counts, dtype=np.int64), first).astype(np.float32) if len(first) else np.zeros(0, np.float32)
+        # copies: nothing keeps a reader's (Arrow) buffers alive
+        return cls(np.array(upper[first], dtype=code_dtype), np.append(first, len(upper)).astype(np.int64),
+                   np.array(lower, dtype=code_dtype), np.array(counts, dtype=np.int32), totals)
 
     @property
     def entries(self) -> int:
@@ -150,7 +153,7 @@ class PhraseMemory:
             counts = np.diff(np.append(first, len(upper)))
             upper, lower = upper[first], lower[first]
             kept = counts >= min_counts.get(n, 1)
-            tables[n] = NgramTable.from_sorted(upper[kept], lower[kept], counts[kept])
+            tables[n] = NgramTable.from_sorted(upper[kept], lower[kept], counts[kept], vocab_size**n)
         return cls(vocab_size, tables)
 
     # ------------------------------------------------------------------ scoring
@@ -191,8 +194,9 @@ class PhraseMemory:
         parts = []
         for n in ORDERS:
             t = self.tables[n]
-            upper = np.repeat(t.up_keys, np.diff(t.starts))
-            parts.append(pa.table({"n": pa.array(np.full(len(upper), n, np.int8)), "upper": upper, "lower": t.low_keys,
+            upper = np.repeat(t.up_keys.astype(np.int64), np.diff(t.starts))
+            parts.append(pa.table({"n": pa.array(np.full(len(upper), n, np.int8)), "upper": upper,
+                                   "lower": t.low_keys.astype(np.int64),
                                    "count": t.counts}, schema=_SCHEMA))
         table = pa.concat_tables(parts).replace_schema_metadata(
             {"format": _FORMAT, "vocab_size": str(self.vocab_size)})
@@ -206,30 +210,37 @@ class PhraseMemory:
         if not path.is_file():
             raise ValueError(f"{path} is missing: {_RETRAIN}")
         try:
-            table = pq.read_table(path)
-            meta = table.schema.metadata or {}
-            if meta.get(b"format") != _FORMAT.encode():
-                raise ValueError(f"format {meta.get(b'format')!r}, expected {_FORMAT}")
-            size = int(meta[b"vocab_size"])
-            n = table.column("n").to_numpy()
-            upper, lower = table.column("upper").to_numpy(), table.column("lower").to_numpy()
-            counts = table.column("count").to_numpy()
-            tables = {}
-            for order in ORDERS:
-                rows = n == order
-                u, low = upper[rows], lower[rows]
-                if len(u) and (np.any(np.diff(u) < 0) or u.min() < 0 or low.min() < 0 or u.max() >= size**order
-                               or low.max() >= size**order):
-                    raise ValueError(f"order {order}: codes out of range or unsorted")
-                tables[order] = NgramTable.from_sorted(u, low, counts[rows])
-            memory = cls(size, tables)
+            memory = cls(*_read_tables(path))
         except Exception as exc:  # pyarrow fails in several ways on a truncated file
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"{path} is damaged ({reason}): {_RETRAIN}") from None
+        finally:
+            pa.default_memory_pool().release_unused()  # the decoded pages: a server keeps only the tables
         if vocab_size is not None and vocab_size != memory.vocab_size:
             raise ValueError(f"{path} was counted for a vocabulary of {memory.vocab_size} characters, "
                              f"the model's has {vocab_size}: retrain (couplet run --force train)")
         return memory
+
+
+def _read_tables(path: Path) -> tuple[int, dict[int, NgramTable]]:
+    """(vocabulary size, tables) of a file written by `PhraseMemory.save`; raises on anything unexpected."""
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if meta.get(b"format") != _FORMAT.encode():
+        raise ValueError(f"format {meta.get(b'format')!r}, expected {_FORMAT}")
+    size = int(meta[b"vocab_size"])
+    columns = {name: table.column(name).combine_chunks().to_numpy() for name in ("n", "upper", "lower", "count")}
+    del table
+    bounds = np.searchsorted(columns["n"], [*ORDERS, ORDERS[-1] + 1])  # the file is sorted by (n, upper, lower)
+    tables = {}
+    for k, order in enumerate(ORDERS):
+        rows = slice(bounds[k], bounds[k + 1])
+        upper, lower = columns["upper"][rows], columns["lower"][rows]
+        if len(upper) and (np.any(upper[1:] < upper[:-1]) or upper[0] < 0 or upper[-1] >= size**order
+                           or lower.min() < 0 or lower.max() >= size**order):
+            raise ValueError(f"order {order}: codes out of range or unsorted")
+        tables[order] = NgramTable.from_sorted(upper, lower, columns["count"][rows], size**order)
+    return size, tables
 
 
 class LinePhrases:
