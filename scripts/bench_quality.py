@@ -12,6 +12,10 @@ tokens/s, valid loss, the test metrics, single-line p50 latency of `Predictor.ma
 probe lines; the dictionary baseline is the last row. `--lm-weights` also picks a lower-line LM weight for
 each variant on the valid split (kept only if it raises ideograph accuracy and BLEU together there) and
 adds a test row for it. Prints Markdown; `--out FILE` writes the rows as JSON too.
+
+Each run's evaluate chooses the phrase-memory weights on valid (evaluate.tune_decode), so the test metrics here
+are the fused decoder's. The decoding levers alone (no reuse, the phrase memory, the phrase-table baseline) are
+scored on the trained folders by scripts/bench_decoders.py, on test and on the outside set.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "attention-cosine-ema": ["model.kind=attention", *COSINE_EMA],
     "cosine-ema-lr2e-3": ["train.lr=0.002", *COSINE_EMA],
     "attention-cosine-ema-lr2e-3": ["model.kind=attention", "train.lr=0.002", *COSINE_EMA],
+    # issue 20's data lever: each pair's swap with the direction marker (configs/seed.yaml has neither)
+    "attention-cosine-ema-swapped": ["model.kind=attention", *COSINE_EMA, "model.directions=2", "train.swapped_pairs=true"],
 }
 
 
