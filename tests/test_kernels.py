@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from couplet.modelling.kernels import conv1d_same_as_matmul, fused_linear_cross_entropy
+from couplet.modelling.kernels import conv1d_same_as_matmul, conv1d_same_train, fused_linear_cross_entropy
 from couplet.modelling.model import GatedConvBlock
 from couplet.data.vocab import PAD
 
@@ -21,6 +21,39 @@ def test_inference_matmul_path_equals_the_convolution(kernel_size):
     x = torch.randn(3, 8, 7)
     with torch.no_grad():
         torch.testing.assert_close(conv1d_same_as_matmul(x, block.conv.weight, block.conv.bias), block.conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 4, 5])
+@pytest.mark.parametrize("length", [1, 2, 7])
+def test_training_matmul_path_equals_the_convolution_with_gradients(kernel_size, length):
+    torch.manual_seed(kernel_size * 10 + length)
+    x = torch.randn(3, 8, length, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 8, kernel_size, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 16, length, dtype=torch.float64)
+    got = conv1d_same_train(x, w, b)
+    want = F.conv1d(x, w, b, padding="same")
+    torch.testing.assert_close(got, want)
+    for mine, stock in zip(torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)):
+        torch.testing.assert_close(mine, stock)
+
+
+def test_a_training_block_uses_the_matmul_path_and_matches_the_stock_one():
+    torch.manual_seed(0)
+    block = GatedConvBlock(dim=8, kernel_size=3)
+    x = torch.randn(4, 8, 6, requires_grad=True)
+    out = block(x)  # grad enabled, CPU, fp32: conv1d_same_train
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert "_Conv1dSameMatmulBackward" in {type(fn).__name__ for fn in seen}
+    h = F.conv1d(x, block.conv.weight, block.conv.bias, padding="same")
+    want = torch.lerp(h[:, 8:], x, torch.sigmoid(h[:, :8]))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
 
 
 def test_fused_loss_matches_autograd_cross_entropy():

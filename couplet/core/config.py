@@ -100,11 +100,31 @@ class ModelConfig(_Section):
     # 2: a learnt direction embedding (0 "down": upper -> lower, 1 "up": lower -> upper) is added to the character
     # embedding, so one model answers both ways (train.swapped_pairs); 1: none, a folder written before the field
     directions: int = setting(2, former=1, ge=1, le=2)
+    # the output layer. full: one softmax over the whole vocabulary (the seed). adaptive: torch's adaptive softmax
+    # (Grave et al. 2017) over the frequency-sorted vocabulary: a head softmax over the most frequent ids plus one
+    # entry per tail cluster, each cluster a smaller softmax behind a narrower projection; exact log-probabilities,
+    # ~1.35x more CPU training tokens/s for the default kind on its own (docs/benchmarks.md "Output layer")
+    output: Literal["full", "adaptive"] = setting("full", former="full")
+    # adaptive only: where the head and each tail cluster end, as shares of the vocabulary size (increasing, in
+    # (0, 1)); 1/8 and 1/3 hold ~80% and ~95% of poetry-couplets' training characters
+    adaptive_cutoffs: tuple[float, ...] = Field(default=(0.125, 0.33), min_length=1)
+    # adaptive only: tail cluster i projects to embed_dim / adaptive_div**(i + 1) dimensions (torch's div_value)
+    adaptive_div: float = Field(default=2.0, ge=1)
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
         if self.kind == "attention" and self.embed_dim % self.attn_heads:
             raise ValueError(f"model.attn_heads ({self.attn_heads}) must divide model.embed_dim ({self.embed_dim})")
+        return self
+
+    @model_validator(mode="after")
+    def _cutoffs_increase(self):
+        cuts = self.adaptive_cutoffs
+        if any(not 0 < c < 1 for c in cuts) or any(a >= b for a, b in zip(cuts, cuts[1:])):
+            raise ValueError(f"model.adaptive_cutoffs {list(cuts)} must be increasing shares of the vocabulary, each in (0, 1)")
+        if self.embed_dim // self.adaptive_div ** len(cuts) < 1:
+            raise ValueError(f"model.adaptive_div ({self.adaptive_div}) leaves the last tail cluster of model.embed_dim "
+                             f"({self.embed_dim}) no dimension: lower it or use fewer model.adaptive_cutoffs")
         return self
 
 

@@ -4,6 +4,8 @@ one to its stock equivalent.
 
 - `fused_linear_cross_entropy`: the output layer and the loss in one autograd Function (CPU training).
 - `conv1d_same_as_matmul`: a padding='same' Conv1d as one matmul (inference on a few positions).
+- `conv1d_same_train`: the same matmul with a hand-written backward (CPU training), ~1.8x faster than oneDNN's
+  convolution forward + backward on a training batch (64 x 128 x 5..7, one thread).
 """
 
 from __future__ import annotations
@@ -84,3 +86,48 @@ def fused_linear_cross_entropy(x, weight, bias, targets, matmul_dtype: torch.dty
     matmul_dtype: dtype of the matmuls (default: x's); the softmax is always computed in fp32.
     """
     return _FusedLinearCrossEntropy.apply(x, weight, bias, targets, matmul_dtype or x.dtype)
+
+
+class _Conv1dSameMatmul(torch.autograd.Function):
+    """`F.conv1d(x, weight, bias, padding="same")` as one matmul over unfolded windows, with its own backward.
+
+    oneDNN's convolution backward costs ~3x its forward on a training batch's shapes (64 x 128 x 7, one thread);
+    here the backward is two matmuls (the weight's and the windows' gradients) and k shifted adds that fold the
+    windows' gradient back onto x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x (B, d, L), weight (out, d, k), bias (out,)
+        b, d, length = x.shape
+        out, k = weight.shape[0], weight.shape[2]
+        total = k - 1
+        cols = F.pad(x, (total // 2, total - total // 2)).unfold(2, k, 1)  # (B, d, L, k)
+        cols = cols.permute(0, 2, 1, 3).reshape(b * length, d * k)  # (B*L, d*k)
+        w2 = weight.reshape(out, d * k)
+        h = torch.addmm(bias, cols, w2.t())  # (B*L, out)
+        ctx.save_for_backward(cols, w2)
+        ctx.shape = (b, d, length, k)
+        return h.reshape(b, length, out).transpose(1, 2)  # (B, out, L)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, out, L)
+        cols, w2 = ctx.saved_tensors
+        b, d, length, k = ctx.shape
+        g = grad.transpose(1, 2).reshape(b * length, -1)  # (B*L, out)
+        grad_w = (g.t() @ cols).reshape(w2.shape[0], d, k)
+        grad_b = g.sum(0)
+        gc = (g @ w2).reshape(b, length, d, k)  # gc[:, l, :, j] is the gradient of x[:, :, l + j - left]
+        left = (k - 1) // 2
+        gx = gc.new_zeros(b, length, d)
+        for j in range(k):
+            s = j - left  # window column j reads x at l + s
+            if s >= 0:
+                gx[:, s:] += gc[:, : length - s, :, j]
+            else:
+                gx[:, : length + s] += gc[:, -s:, :, j]
+        return gx.transpose(1, 2), grad_w, grad_b
+
+
+def conv1d_same_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`F.conv1d(x, weight, bias, padding="same")`, (B, d, L) -> (B, out, L), gradients included; fp32 CPU training."""
+    return _Conv1dSameMatmul.apply(x, weight, bias)

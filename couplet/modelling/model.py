@@ -2,8 +2,13 @@
 
 Su Jianlin (2019), "基于CNN和序列标注的对联机器人": both lines of a couplet have the same length, so generating
 the lower line is sequence labelling. Embedding (128) -> dropout 0.25 -> 6 residual gated conv blocks -> a
-per-position softmax over the vocabulary. The model and its files live here, nanoGPT style; the two speed
-kernels it calls (fused output layer + loss, small-input convolution) are in couplet/modelling/kernels.py.
+per-position softmax over the vocabulary. The model and its files live here, nanoGPT style; the speed
+kernels it calls (fused output layer + loss, convolution as a matmul) are in couplet/modelling/kernels.py.
+
+model.output picks the output layer: "full", one linear layer + softmax over the vocabulary (the seed), or
+"adaptive", torch's nn.AdaptiveLogSoftmaxWithLoss over the frequency-sorted vocabulary (a head for the most
+frequent ids, tail clusters behind narrower projections; exact log-probabilities, cheaper training on CPU).
+Either way the module is `head` (and `refine_head`), so a full model's state dict is as before.
 
 With model.directions=2 a learnt direction embedding (row 0 "down": upper -> lower, row 1 "up": lower -> upper)
 is added to the character embedding at every position, so one model answers both ways (train.swapped_pairs);
@@ -25,6 +30,7 @@ from couplet.core.config import MODEL_KINDS, Config, ModelConfig, config_from_di
 from couplet.modelling.kernels import (
     SMALL_INFERENCE_POSITIONS,
     conv1d_same_as_matmul,
+    conv1d_same_train,
     fused_linear_cross_entropy,
 )
 from couplet.data.vocab import PAD, Vocab
@@ -43,8 +49,15 @@ class GatedConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a few positions at inference (an interactive request): the same convolution as one matmul, faster there
-        small = x.shape[0] * x.shape[2] <= SMALL_INFERENCE_POSITIONS and not torch.is_grad_enabled()
-        h = conv1d_same_as_matmul(x, self.conv.weight, self.conv.bias) if small else self.conv(x)  # (B, 2d, L)
+        grad = torch.is_grad_enabled()
+        small = x.shape[0] * x.shape[2] <= SMALL_INFERENCE_POSITIONS and not grad
+        if small:
+            h = conv1d_same_as_matmul(x, self.conv.weight, self.conv.bias)  # (B, 2d, L)
+        elif grad and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            # CPU fp32 training: the matmul with its own backward, ~1.8x faster than oneDNN's (kernels.py)
+            h = conv1d_same_train(x, self.conv.weight, self.conv.bias)
+        else:
+            h = self.conv(x)
         g, c = h[:, : self.dim], h[:, self.dim :]  # (B, d, L) each: gate first, candidate second
         # x*s(g) + c*s(-g) == c + (x - c)*s(g) because s(-g) = 1 - s(g): one sigmoid instead of two
         return torch.lerp(c, x.to(c.dtype), torch.sigmoid(g))  # (B, d, L); the cast matters under autocast
@@ -64,8 +77,61 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor) -> tor
     return x.transpose(1, 2)  # (B, L, d)
 
 
-def head_loss(x: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+OutputLayer = nn.Linear | nn.AdaptiveLogSoftmaxWithLoss  # model.output "full" | "adaptive"
+
+
+def adaptive_cutoffs(vocab_size: int, shares: tuple[float, ...]) -> list[int]:
+    """The ids where the adaptive head and each tail cluster end: `shares` of vocab_size, rounded, kept in
+    [1, vocab_size - 1] and deduplicated (a tiny vocabulary gets fewer clusters, at least one)."""
+    return sorted({min(max(1, round(share * vocab_size)), vocab_size - 1) for share in shares})
+
+
+def build_output(vocab_size: int, cfg: ModelConfig) -> OutputLayer:
+    """The output layer model.output asks for, features (.., d) -> the vocabulary."""
+    if cfg.output == "full":
+        return nn.Linear(cfg.embed_dim, vocab_size)
+    if vocab_size < 2:
+        raise ValueError(f"model.output=adaptive needs a vocabulary of at least 2 ids, got {vocab_size}")
+    cutoffs = adaptive_cutoffs(vocab_size, cfg.adaptive_cutoffs)
+    layer = nn.AdaptiveLogSoftmaxWithLoss(cfg.embed_dim, vocab_size, cutoffs, div_value=cfg.adaptive_div, head_bias=True)
+    with torch.no_grad():  # each cluster's head entry starts with its share of ids, as a full softmax's would
+        sizes = torch.tensor([b - a for a, b in zip(layer.cutoffs, layer.cutoffs[1:])], dtype=torch.float32)
+        layer.head.bias[layer.shortlist_size :] += sizes.log()
+    return layer
+
+
+def output_scores(x: torch.Tensor, head: OutputLayer) -> torch.Tensor:
+    """Scores over the vocabulary for features x (.., d) -> (.., V): a full layer's logits, an adaptive layer's
+    log-probabilities (already normalised; a softmax of them is the same distribution)."""
+    if isinstance(head, nn.Linear):
+        return head(x)
+    return head.log_prob(x.reshape(-1, x.size(-1))).reshape(*x.shape[:-1], head.n_classes)
+
+
+def adaptive_loss(x: torch.Tensor, head: nn.AdaptiveLogSoftmaxWithLoss, targets: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over non-PAD positions of the adaptive layer `head` on features x (B, L, d).
+
+    The same value as `head(x, targets).loss` on the non-PAD rows, but every tail cluster runs (on no rows if the
+    batch has none of its ids), so each parameter gets a gradient every step: DistributedDataParallel needs that.
+    """
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, d), (N,)
+    keep = targets != PAD
+    x, targets = x[keep], targets[keep]  # (n, d), (n,)
+    ends = torch.tensor(head.cutoffs[:-1], device=targets.device)
+    cluster = torch.bucketize(targets, ends, right=True)  # (n,) 0: the head's own ids, i: tail cluster i
+    head_targets = torch.where(cluster == 0, targets, head.shortlist_size + cluster - 1)  # cluster i's head entry
+    nll = F.cross_entropy(head.head(x).float(), head_targets, reduction="none")  # (n,)
+    for i, tail in enumerate(head.tail):
+        rows = (cluster == i + 1).nonzero().squeeze(1)  # (m,)
+        inner = F.cross_entropy(tail(x[rows]).float(), targets[rows] - head.cutoffs[i], reduction="none")  # (m,)
+        nll = nll.index_add(0, rows, inner)
+    return nll.sum() / max(len(targets), 1)
+
+
+def head_loss(x: torch.Tensor, head: OutputLayer, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over non-PAD positions of the output layer `head` on features x (B, L, d)."""
+    if isinstance(head, nn.AdaptiveLogSoftmaxWithLoss):
+        return adaptive_loss(x, head, targets)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, d), (N,)
     if x.is_cuda:  # GPU memory is plentiful and autocast handles dtypes: the stock loss is fine there
         return F.cross_entropy(head(x).float(), targets, ignore_index=PAD)
@@ -85,7 +151,7 @@ class CoupletLabeller(nn.Module):
         self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GatedConvBlock(cfg.embed_dim, cfg.kernel_size) for _ in range(cfg.n_blocks))
-        self.head = nn.Linear(cfg.embed_dim, vocab_size)
+        self.head = build_output(vocab_size, cfg)  # nn.Linear for model.output=full, as in the seed
         # zero at first and drawing no random numbers, so every other parameter starts as in a model without it
         self.direction = nn.Embedding(2, cfg.embed_dim, _weight=torch.zeros(2, cfg.embed_dim)) if cfg.directions == 2 else None
 
@@ -114,7 +180,7 @@ class CoupletLabeller(nn.Module):
         """
         x = self.features(ids, direction)  # (B, L, d)
         if targets is None:
-            return self.head(x), None  # (B, L, V)
+            return output_scores(x, self.head), None  # (B, L, V)
         return None, head_loss(x, self.head, targets)
 
     @torch.no_grad()
@@ -145,19 +211,27 @@ class RefiningLabeller(CoupletLabeller):
         super().__init__(vocab_size, cfg)
         self.draft_embedding = nn.Embedding(vocab_size, cfg.embed_dim)
         self.refine_blocks = nn.ModuleList(GatedConvBlock(cfg.embed_dim, cfg.kernel_size) for _ in range(cfg.refine_blocks))
-        self.refine_head = nn.Linear(cfg.embed_dim, vocab_size)
+        self.refine_head = build_output(vocab_size, cfg)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None):
         x = self.features(ids, direction)  # (B, L, d)
-        draft_logits = self.head(x)  # (B, L, V)
-        draft = draft_logits.argmax(-1)  # (B, L): no gradient flows through the choice
+        full = isinstance(self.head, nn.Linear)
+        draft_logits = output_scores(x, self.head) if full else None  # (B, L, V)
+        if full:
+            draft = draft_logits.argmax(-1)  # (B, L): no gradient flows through the choice
+        else:
+            with torch.no_grad():
+                draft = output_scores(x, self.head).argmax(-1)
         y = run_blocks(self.refine_blocks, x + self.draft_embedding(draft), ids)  # (B, L, d)
         if targets is None:
-            return self.refine_head(y), None
+            return output_scores(y, self.refine_head), None
         final = head_loss(y, self.refine_head, targets)
         if not self.training:
             return None, final
-        draft_loss = F.cross_entropy(draft_logits.reshape(-1, self.vocab_size).float(), targets.reshape(-1), ignore_index=PAD)
+        if full:
+            draft_loss = F.cross_entropy(draft_logits.reshape(-1, self.vocab_size).float(), targets.reshape(-1), ignore_index=PAD)
+        else:
+            draft_loss = adaptive_loss(x, self.head, targets)
         return None, draft_loss + final
 
 
