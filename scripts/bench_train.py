@@ -4,10 +4,15 @@
     .venv/bin/python scripts/bench_train.py --build-dir data/processed/build/<key>
     .venv/bin/python scripts/bench_train.py --threads 2 --loss plain --adam loop   # the variants measured
     .venv/bin/python scripts/bench_train.py --nproc 2          # 1 process, then 2 under torchrun (DDP, gloo)
+    .venv/bin/python scripts/bench_train.py --kind attention --threads 1 --output full,adaptive   # A/B, alternating
 
 Runs the trainer's own step (couplet.modelling.step.train_step) on the seed config for --warmup steps, then times
 --steps steps, --repeats times, and reports the best and median repeat. The machine may be shared, so
 the 1-minute load average is printed too: with 2 threads on 2 busy cores, OpenMP barriers wreck timings.
+
+--output full,adaptive (model.output; with --conv, stock|matmul, the CPU training convolution) builds one model per
+variant and times them in turn, repeat by repeat, so a shared machine's load falls on each alike; the JSON then
+holds one entry per variant. Each variant starts from the same seed and draws the same batches.
 
 --nproc N measures one process (torch's default threads, or --threads) and then N processes under torchrun,
 each a DistributedDataParallel rank taking batch_size / N rows of every global batch (as train.nproc does;
@@ -76,6 +81,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kind", choices=sorted(MODEL_KINDS), default="gated_cnn", help="model.kind")
+    ap.add_argument("--output", default="full", help="model.output: full, adaptive, or both comma-separated (A/B)")
+    ap.add_argument("--conv", default="matmul", help="CPU training convolution: matmul (today's), stock (oneDNN), or both")
     ap.add_argument("--nproc", type=int, default=1, help="also measure this many processes under torchrun (DDP)")
     ap.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun rank of --nproc
     args = ap.parse_args()
@@ -85,7 +92,7 @@ def main() -> None:
         from couplet.modelling.distributed import Ranks
 
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        result = measure(args, Ranks())
+        result = measure(args, Ranks())[0]
         if dist.get_rank() == 0:
             print(json.dumps(result))
         dist.destroy_process_group()
@@ -93,7 +100,8 @@ def main() -> None:
     if args.nproc > 1:
         print(json.dumps(compare_nproc(args)))
         return
-    print(json.dumps(measure(args)))
+    results = measure(args)
+    print(json.dumps(results[0] if len(results) == 1 else {"variants": results}))
 
 
 def compare_nproc(args) -> dict:
@@ -104,7 +112,7 @@ def compare_nproc(args) -> dict:
 
     if args.device.startswith("cuda"):
         check_gpus_per_node(args.nproc)  # before the one-process figure, not after it
-    single = measure(args)
+    single = measure(args)[0]
     argv = list(sys.argv[1:])
     at = argv.index("--nproc")
     del argv[at : at + 2]
@@ -118,7 +126,24 @@ def compare_nproc(args) -> dict:
             "ratio": round(multi["tokens_per_s"] / single["tokens_per_s"], 3), "cores": os.cpu_count()}
 
 
-def measure(args, ranks=None) -> dict:
+@contextlib.contextmanager
+def stock_conv(on: bool):
+    """With on, the gated blocks convolve through oneDNN in training too (the path before the matmul kernel)."""
+    if not on:
+        yield
+        return
+    from couplet.modelling import model as model_module
+
+    saved = model_module.conv1d_same_train
+    model_module.conv1d_same_train = lambda x, w, b: F.conv1d(x, w, b, padding="same")
+    try:
+        yield
+    finally:
+        model_module.conv1d_same_train = saved
+
+
+def measure(args, ranks=None) -> list[dict]:
+    """One result per --output x --conv variant, timed in turn within each repeat."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -133,18 +158,28 @@ def measure(args, ranks=None) -> dict:
 
     if ranks is not None:
         device = ranks.device_for(device)
-    model = build_labeller(vocab_size, ModelConfig(kind=args.kind)).to(device)
-    if args.adam == "fused":
-        optimizer = make_optimizer(model, 1e-3)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=args.adam == "foreach")
-    step_model = PlainLoss(model) if args.loss == "plain" else model
-    if ranks is not None:
         ranks.check_batch(args.batch_size)
-        step_model = ranks.wrap(step_model)
     world = 1 if ranks is None else ranks.world
-    if args.compile:
-        step_model = torch.compile(step_model)
+    variants = []
+    for output in args.output.split(","):
+        for conv in args.conv.split(","):
+            if conv not in ("matmul", "stock"):
+                raise SystemExit(f"--conv {conv!r}: matmul or stock")
+            if args.loss == "plain" and output != "full":
+                raise SystemExit("--loss plain is the full output layer's stock loss: use it with --output full")
+            torch.manual_seed(0)
+            model = build_labeller(vocab_size, ModelConfig(kind=args.kind, output=output)).to(device)
+            if args.adam == "fused":
+                optimizer = make_optimizer(model, 1e-3)
+            else:
+                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=args.adam == "foreach")
+            step_model = PlainLoss(model) if args.loss == "plain" else model
+            if ranks is not None:
+                step_model = ranks.wrap(step_model)
+            if args.compile:
+                step_model = torch.compile(step_model)
+            variants.append({"output": output, "conv": conv, "model": step_model, "optimizer": optimizer,
+                             "stream": batch_stream(LengthBucketBatches(buckets, args.batch_size, seed=0))})
     if args.bf16:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     elif device.type == "cuda":
@@ -152,33 +187,41 @@ def measure(args, ranks=None) -> dict:
     else:
         autocast = contextlib.nullcontext()
 
-    def batch_stream():
-        while True:
-            yield from batches
-
-    stream = batch_stream()
-
-    def run(n: int) -> tuple[int, float, float]:
+    def run(v: dict, n: int) -> tuple[int, float, float]:
         if ranks is not None:
             torch.distributed.barrier()  # the ranks start each repeat together
         tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
-        for _ in range(n):
-            up, down = next(stream)
-            if ranks is not None:
-                up, down = ranks.shard(up, down)  # this rank's slice of the global batch
-            up, down = up.to(device), down.to(device)
-            loss = train_step(step_model, optimizer, up, down, autocast)
-            tokens += int((up != PAD).sum()) * world  # the global batch's tokens
-        float(loss)  # sync
+        with stock_conv(v["conv"] == "stock"):
+            for _ in range(n):
+                up, down = next(v["stream"])
+                if ranks is not None:
+                    up, down = ranks.shard(up, down)  # this rank's slice of the global batch
+                up, down = up.to(device), down.to(device)
+                loss = train_step(v["model"], v["optimizer"], up, down, autocast)
+                tokens += int((up != PAD).sum()) * world  # the global batch's tokens
+            float(loss)  # sync
         return tokens, time.perf_counter() - t0, time.process_time() - c0
 
-    run(args.warmup)
-    rates, cpu_rates = [], []
+    for v in variants:
+        run(v, args.warmup)
+    for v in variants:
+        v["rates"], v["cpu_rates"] = [], []
     for _ in range(args.repeats):
-        tokens, seconds, cpu_seconds = run(args.steps)
-        rates.append(tokens / seconds)
-        cpu_rates.append(tokens / (cpu_seconds * world))  # DDP: rank 0's CPU time, taken as every rank's
+        for v in variants:  # in turn, so the machine's load falls on every variant alike
+            tokens, seconds, cpu_seconds = run(v, args.steps)
+            v["rates"].append(tokens / seconds)
+            v["cpu_rates"].append(tokens / (cpu_seconds * world))  # DDP: rank 0's CPU time, taken as every rank's
+    return [report(args, v["rates"], v["cpu_rates"], v["output"], v["conv"], vocab_size, batches, device, world) for v in variants]
+
+
+def batch_stream(batches):
+    while True:
+        yield from batches
+
+
+def report(args, rates, cpu_rates, output, conv, vocab_size, batches, device, world) -> dict:
     return {
+        "kind": args.kind, "output": output, "conv": conv,
         "tokens_per_s": round(max(rates)),
         "tokens_per_s_median": round(statistics.median(rates)),
         "repeats": [round(r) for r in rates],
