@@ -14,15 +14,19 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
 from couplet.core.catalog import MODEL_FILES, Catalog, is_model_dir
 from couplet.core.config import Config, DataConfig, couplet_home
 from couplet.decoding.constraints import DecodeOptions
+from couplet.decoding.blocklist import Blocklist
 from couplet.decoding.settings import DecodeSettings, read_decode_settings, search
+from couplet.decoding.studio import RequestError, check_pins
+from couplet.decoding.studio import alternatives as studio_alternatives
 from couplet.data.punct import is_punct
 from couplet.registry import RegistryError, champion_dir
 from couplet.data.vocab import UNK, Vocab
@@ -46,12 +50,20 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Alternative:
+    char: str  # another character for the position
+    score: float  # the score of the best line with it there (the rest of the line unchanged)
+
+
+@dataclass(frozen=True)
 class MatchResult:
     upper: str  # the upper line as answered (after normalisation)
     candidates: list[Candidate]  # best first
     constraints: list[str]  # couplet constraints enforced (see couplet.decoding.constraints)
     model_id: str
-    relaxed: list[str] = field(default_factory=list)  # constraints dropped because nothing satisfied them
+    relaxed: list[str] = field(default_factory=list)  # constraints dropped: nothing satisfied them, or a pin overrode them
+    alternatives: list[list[Alternative]] = field(default_factory=list)  # per position of the best line, when asked
+    direction: str = "down"  # "up": `upper` was a lower line and the candidates are upper lines
 
     @property
     def best(self) -> str:
@@ -107,17 +119,20 @@ class Predictor:
     """
 
     def __init__(self, model, vocab: Vocab, config: Config | None = None, *, model_id: str = "unknown", device: str = "cpu",
-                 decoding: DecodeSettings | None = None):
+                 decoding: DecodeSettings | None = None, blocklist: Blocklist | None = None):
         self.model = model
         self.vocab = vocab
         self.config = config if config is not None else Config()
         self.model_id = model_id
         self.device = device
         self.decoding = decoding if decoding is not None else DecodeSettings(self.config.decode)
+        self.blocklist = blocklist  # words no answer contains (and, with decode.block_input, no question)
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, device: str = "cpu", num_threads: int | None = None) -> "Predictor":
-        """Load a model dir once. `num_threads` sets torch's CPU threads (None: leave as is)."""
+    def load(cls, model_dir: str | os.PathLike, device: str = "cpu", num_threads: int | None = None,
+             blocklist: str | os.PathLike | None = None) -> "Predictor":
+        """Load a model dir once. `num_threads` sets torch's CPU threads (None: leave as is). `blocklist`: a word list
+        added to the folder's (decode.default_blocklist, decode.blocklist); a bad file is a one-line ValueError."""
         import torch
 
         from couplet.modelling.model import load_labeller
@@ -130,7 +145,11 @@ class Predictor:
         model, vocab, config = load_labeller(path, device=device)
         decoding = read_decode_settings(path, config.decode, len(vocab))
         config = config.model_copy(update={"decode": decoding.config})
-        return cls(model, vocab, config, model_id=path.resolve().name, device=device, decoding=decoding)
+        extra = [Blocklist.load(p) for p in (decoding.config.blocklist, blocklist) if p]
+        default = Blocklist.for_settings(decoding.config.default_blocklist)
+        lists = ([default] if default else []) + extra
+        words = Blocklist([w for b in lists for w in b.words], ", ".join(b.source for b in lists)) if lists else None
+        return cls(model, vocab, config, model_id=path.resolve().name, device=device, decoding=decoding, blocklist=words)
 
     @property
     def max_len(self) -> int:
@@ -158,6 +177,10 @@ class Predictor:
             text = "".join(
                 _FULL_WIDTH[ch] if ch in _FULL_WIDTH and ch not in stoi and _FULL_WIDTH[ch] in stoi else ch for ch in text
             )
+        if not allow_unknown and self.blocklist is not None and self.config.decode.block_input:
+            blocked = self.blocklist.find(text)
+            if blocked is not None:
+                raise InputError(f"the line contains a blocked word ({blocked}); set decode.block_input=false to answer it anyway")
         if not allow_unknown:
             # Punctuation outside the vocabulary is fine: the decoder copies a mark to its position.
             unknown = [ch for ch in dict.fromkeys(text) if (ch not in stoi or stoi[ch] < 2) and not is_punct(ch)]
@@ -202,18 +225,33 @@ class Predictor:
         existed: off); `tone` is separate."""
         return DecodeOptions.from_flags(constrained=constrained, tone=tone, no_reuse=self.decoding.config.no_reuse)
 
-    def _options(self, constrained: bool, tone: bool, options: DecodeOptions | None) -> DecodeOptions:
-        return options if options is not None else self.decode_options(constrained, tone)
+    def _options(self, constrained: bool, tone: bool, options: DecodeOptions | None, direction: str = "down") -> DecodeOptions:
+        chosen = options if options is not None else self.decode_options(constrained, tone)
+        return dataclass_replace(chosen, mirror=True) if direction == "up" else chosen
 
-    def answer(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions) -> MatchResult:
-        """Decode a prepared line from its (L, V) log-probabilities as this predictor's `decoding` says."""
-        res = search(upper, log_probs, self.vocab, self.decoding, top_k=top_k, options=options)
+    def answer(self, upper: str, log_probs: np.ndarray, top_k: int, options: DecodeOptions, *,
+               pins: Mapping[int, str] | None = None, alternatives: int = 0) -> MatchResult:
+        """Decode a prepared line from its (L, V) log-probabilities as this predictor's `decoding` says, with no
+        blocked word, the `pins` (position -> character, couplet.decoding.studio) and, per position of the best line,
+        up to `alternatives` other characters. An impossible pin or request is an InputError."""
+        try:
+            pinned, given_way = check_pins(upper, dict(pins or {}), self.vocab, options)
+            res = search(upper, log_probs, self.vocab, self.decoding, top_k=top_k, options=pinned, blocklist=self.blocklist)
+            others = []
+            if alternatives and res.candidates:
+                found = studio_alternatives(upper, log_probs, self.vocab, self.decoding, pinned, res.candidates[0][0],
+                                            alternatives, self.blocklist)
+                others = [[Alternative(ch, score) for ch, score in position] for position in found]
+        except RequestError as exc:
+            raise InputError(str(exc)) from None
         return MatchResult(
             upper=upper,
             candidates=[Candidate(lower, score) for lower, score in res.candidates],
             constraints=res.constraints,
             model_id=self.model_id,
-            relaxed=res.relaxed,
+            relaxed=[*given_way, *res.relaxed],
+            alternatives=others,
+            direction="up" if options.mirror else "down",
         )
 
     def match(
@@ -226,14 +264,17 @@ class Predictor:
         options: DecodeOptions | None = None,
         allow_unknown: bool = False,
         direction: Literal["down", "up"] = "down",
+        pins: Mapping[int, str] | None = None,
+        alternatives: int = 0,
     ) -> MatchResult:
         """The `top_k` best lower lines for one upper line. `options` (if given) overrides constrained/tone (and the
         folder's no_reuse, see `decode_options`). direction="up": `upper` is a lower line, answered with upper lines
-        (see `log_probs`)."""
+        (see `log_probs`; the tone rule mirrored). `pins` and `alternatives`: see `answer`."""
         _check_top_k(top_k)
         text = self.prepare(upper, allow_unknown=allow_unknown)
         lp = self.log_probs([text], direction=direction)[0]
-        return self.answer(text, lp, top_k, self._options(constrained, tone, options))
+        return self.answer(text, lp, top_k, self._options(constrained, tone, options, direction), pins=pins,
+                           alternatives=alternatives)
 
     def match_batch(
         self,
@@ -256,7 +297,7 @@ class Predictor:
         """
         _check_top_k(top_k)
         self.log_probs([], direction=direction)  # a direction this model cannot answer raises here, once
-        opts = self._options(constrained, tone, options)
+        opts = self._options(constrained, tone, options, direction)
         results: list[MatchResult | InputError | None] = [None] * len(uppers)
         by_length: dict[int, list[tuple[int, str]]] = {}
         for i, raw in enumerate(uppers):

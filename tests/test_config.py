@@ -53,7 +53,7 @@ def test_sections_are_frozen_and_refuse_unknown_keys():
     cfg = Config()
     with pytest.raises(pydantic.ValidationError):
         cfg.train.max_steps = 3
-    with pytest.raises(ConfigError, match=r"^unknown config key decode.top_k \(known: constrained, tone, no_reuse, lm_weight, beam_size, phrase_uni, phrase_bi, phrase_tri\)$"):
+    with pytest.raises(ConfigError, match=r"^unknown config key decode.top_k \(known: constrained, tone, no_reuse, lm_weight, beam_size, phrase_uni, phrase_bi, phrase_tri, default_blocklist, blocklist, block_input\)$"):
         config_from_dict({"decode": {"top_k": 3}})
 
 
@@ -177,7 +177,8 @@ def test_former_defaults_fill_only_what_an_old_config_json_lacks():
     assert filled["model"] == {"kind": "gated_cnn", "directions": 1, "output": "full", "embed_dim": 16}
     assert filled["train"] == {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": 0.9, "max_minutes": None,
                                "swapped_pairs": False}
-    assert filled["decode"] == {"no_reuse": False, "lm_weight": 0.0, "phrase_uni": 0.0, "phrase_bi": 0.0, "phrase_tri": 0.0} and filled["vocab_size"] == 50
+    assert filled["decode"] == {"no_reuse": False, "lm_weight": 0.0, "phrase_uni": 0.0, "phrase_bi": 0.0, "phrase_tri": 0.0,
+                                "default_blocklist": False, "block_input": False} and filled["vocab_size"] == 50
     assert "data" not in filled and old["model"] == {"embed_dim": 16}  # no section invented, the input untouched
     assert config_from_dict(with_former_defaults(Config().to_dict())) == Config()  # a complete config keeps its values
 

@@ -181,6 +181,12 @@ class DecodeConfig(_Section):
     phrase_bi: float = setting(0.0, former=0.0, ge=0)
     phrase_tri: float = setting(0.0, former=0.0, ge=0)
 
+    # words no answer may contain (couplet/decoding/blocklist.py): the shipped list of common vulgar words unless
+    # default_blocklist is off, plus `blocklist` (a UTF-8 file, one word per line) when set; with block_input an
+    # upper line containing one is refused. A folder written before the fields existed answers without a blocklist
+    default_blocklist: bool = setting(True, former=False)
+    blocklist: str | None = None
+    block_input: bool = setting(True, former=False)
 
 class EvaluateConfig(_Section):
     n_samples: int = 20  # random test couplets shown in samples.md next to the probe lines

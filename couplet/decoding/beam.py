@@ -51,7 +51,7 @@ from couplet.decoding.lm import CharBigramLM
 from couplet.decoding.phrases import LinePhrases, PhraseMemory
 from couplet.data.vocab import UNK, Vocab
 
-__all__ = ["beam_decode", "Coupling", "LMCoupling", "PhraseCoupling", "fold_unigrams"]
+__all__ = ["beam_decode", "line_scores", "Coupling", "LMCoupling", "PhraseCoupling", "fold_unigrams"]
 
 NEG_INF = -np.inf
 
@@ -198,6 +198,30 @@ def fold_unigrams(upper: str, lp: np.ndarray, vocab: Vocab, phrases: PhraseMemor
     return (lp + weight * phrases.unigram_rows(upper_ids)).astype(np.float32)
 
 
+def _fusion(upper: str, lp: np.ndarray, vocab: Vocab, lm: CharBigramLM | None, lm_weight: float,
+            phrases: PhraseMemory | None, phrase_weights: tuple[float, float, float]) -> tuple[np.ndarray, list[Coupling]]:
+    """The rows with the phrase unigrams added, and the coupling terms, of one line."""
+    uni, bi, tri = phrase_weights if phrases is not None else (0.0, 0.0, 0.0)
+    lp = fold_unigrams(upper, lp, vocab, phrases, uni)
+    couplings: list[Coupling] = []
+    if lm is not None and lm_weight > 0:
+        couplings.append(LMCoupling(lm, lm_weight))
+    if phrases is not None and (bi > 0 or tri > 0):
+        upper_ids = np.array([vocab.stoi.get(ch, UNK) for ch in upper], dtype=np.int64)
+        couplings.append(PhraseCoupling(phrases.line(upper_ids), {2: bi, 3: tri}))
+    return lp, couplings
+
+
+def line_scores(upper: str, lines: Sequence[str], log_probs: np.ndarray, vocab: Vocab, *, lm: CharBigramLM | None = None,
+                lm_weight: float = 0.0, phrases: PhraseMemory | None = None,
+                phrase_weights: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """The fused scores `beam_decode` gives these lines (each as long as `upper`), float64."""
+    if not lines:
+        return np.zeros(0)
+    lp, couplings = _fusion(upper, checked_log_probs(upper, log_probs, vocab), vocab, lm, lm_weight, phrases, phrase_weights)
+    return _line_scores(lines, lp, vocab, couplings)
+
+
 def beam_decode(
     upper: str,
     log_probs: np.ndarray,
@@ -227,15 +251,7 @@ def beam_decode(
         raise ValueError(f"the LM has a vocabulary of {lm.vocab_size} characters, the model's has {len(vocab)}")
     if phrases is not None and phrases.vocab_size != len(vocab):
         raise ValueError(f"the phrase memory has a vocabulary of {phrases.vocab_size} characters, the model's has {len(vocab)}")
-    lp = checked_log_probs(upper, log_probs, vocab)
-    uni, bi, tri = phrase_weights if phrases is not None else (0.0, 0.0, 0.0)
-    lp = fold_unigrams(upper, lp, vocab, phrases, uni)
-    couplings: list[Coupling] = []
-    if lm is not None and lm_weight > 0:
-        couplings.append(LMCoupling(lm, lm_weight))
-    if phrases is not None and (bi > 0 or tri > 0):
-        upper_ids = np.array([vocab.stoi.get(ch, UNK) for ch in upper], dtype=np.int64)
-        couplings.append(PhraseCoupling(phrases.line(upper_ids), {2: bi, 3: tri}))
+    lp, couplings = _fusion(upper, checked_log_probs(upper, log_probs, vocab), vocab, lm, lm_weight, phrases, phrase_weights)
     if not couplings:
         return decode(upper, lp, vocab, top_k=top_k, options=options)
     if not upper:

@@ -107,6 +107,12 @@ class DecodeOptions:
     repetition: bool = True
     tone: bool = False
     no_reuse: bool = True  # 不重字: no ideograph of the upper line anywhere in the lower line
+    # what a writer asks beyond the rules (couplet.decoding.studio): characters forced at positions (never relaxed),
+    # single characters never emitted (the blocklist's one-character words), and the reverse direction, where the
+    # given line is a lower line and the tone rule is mirrored (it ends 平 -> the answer must end 仄)
+    pins: tuple[tuple[int, str], ...] = ()
+    banned: frozenset[str] = frozenset()
+    mirror: bool = False
 
     @classmethod
     def from_flags(cls, constrained: bool = True, tone: bool = False, no_reuse: bool = True) -> "DecodeOptions":
@@ -147,6 +153,7 @@ class VocabTables:
         self.always_masked = np.array([PAD, UNK], dtype=np.intp)
         self.always_masked_punct = np.concatenate([self.always_masked, self.punct_ids])
         self._ping_penalty: np.ndarray | None = None
+        self._ze_penalty: np.ndarray | None = None
         # the ideographs' ids (no_reuse masks those of the upper line): one dict lookup per character on the hot path
         self.ideograph_ids: dict[str, int] = {
             ch: i for i, ch in enumerate(vocab.itos) if i not in (PAD, UNK) and len(ch) == 1 and is_ideograph(ch)
@@ -160,6 +167,15 @@ class VocabTables:
             ping[[PAD, UNK]] = False
             self._ping_penalty = np.where(ping, 0.0, NEG_INF).astype(np.float32)
         return self._ping_penalty
+
+    @property
+    def ze_penalty(self) -> np.ndarray:
+        """0 for 仄-tone characters, -inf for the rest: the mirrored tone rule's mask."""
+        if self._ze_penalty is None:
+            ze = np.array([char_tone(ch) == ZE for ch in self.itos], dtype=bool)
+            ze[[PAD, UNK]] = False
+            self._ze_penalty = np.where(ze, 0.0, NEG_INF).astype(np.float32)
+        return self._ze_penalty
 
 
 _TABLES: dict[int, tuple[weakref.ref, VocabTables]] = {}
@@ -265,11 +281,23 @@ def plan_groups(
         applied.append("no_reuse")
     if options.repetition:
         applied.append("repetition")
-    if options.tone and final_tone(upper) == ZE:
+    if options.tone and final_tone(upper) == (PING if options.mirror else ZE):
         g = group_of[final_position(upper)]
         if g not in fixed:
-            scores[g] += tables.ping_penalty
+            scores[g] += tables.ze_penalty if options.mirror else tables.ping_penalty
             applied.append("tone")
+    if options.banned:
+        banned = [tables.stoi[ch] for ch in options.banned if ch in tables.stoi]
+        if banned:
+            scores[:, banned] = NEG_INF
+    for position, ch in options.pins:  # a pin keeps its character's score (-inf if a rule forbids it) and nothing else
+        g = group_of[position]
+        uid = tables.stoi.get(ch)
+        if g in fixed or uid is None:
+            continue  # refused before the search (couplet.decoding.studio.check_pins)
+        kept = scores[g, uid]
+        scores[g] = NEG_INF
+        scores[g, uid] = kept
     n_free = len(group_chars) - len(fixed)
     return GroupPlan(group_of, fixed, scores, options.repetition and n_free > 1, applied)
 

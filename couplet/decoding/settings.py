@@ -14,9 +14,9 @@ through `search`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -27,10 +27,13 @@ from couplet.decoding.constraints import CONSTRAINED, DecodeOptions, DecodeResul
 from couplet.decoding.decode import decode
 
 if TYPE_CHECKING:
+    from couplet.decoding.blocklist import Blocklist
     from couplet.decoding.lm import CharBigramLM
     from couplet.decoding.phrases import PhraseMemory
 
-__all__ = ["DecodeSettings", "read_decode_settings", "search"]
+__all__ = ["DecodeSettings", "line_scores", "read_decode_settings", "search"]
+
+_BLOCKLIST_DEPTH = 256  # candidates searched for lines free of the blocklist's longer words
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,25 @@ def read_decode_settings(model_dir: str | Path, trained: DecodeConfig, vocab_siz
     return DecodeSettings(section, lm, phrases)
 
 
+def line_scores(upper: str, lines: Sequence[str], log_probs: np.ndarray, vocab: Vocab, settings: DecodeSettings) -> np.ndarray:
+    """The scores `search` gives these lines (each as long as `upper`) as `settings` answer, float64."""
+    from couplet.decoding.beam import line_scores as fused_line_scores
+
+    return fused_line_scores(upper, lines, log_probs, vocab, lm=settings.lm, lm_weight=settings.config.lm_weight,
+                             phrases=settings.phrases, phrase_weights=settings.phrase_weights)
+
+
+def _search_once(upper: str, log_probs: np.ndarray, vocab: Vocab, settings: DecodeSettings, top_k: int,
+                 options: DecodeOptions) -> DecodeResult:
+    if settings.fused and not options.mirror:  # the LM and the memory are of lower lines: the reverse answers exactly
+        from couplet.decoding.beam import beam_decode
+
+        return beam_decode(upper, log_probs, vocab, top_k=top_k, options=options, lm=settings.lm,
+                           lm_weight=settings.config.lm_weight, phrases=settings.phrases,
+                           phrase_weights=settings.phrase_weights, beam_size=max(settings.config.beam_size, top_k))
+    return decode(upper, log_probs, vocab, top_k=top_k, options=options)
+
+
 def search(
     upper: str,
     log_probs: np.ndarray,
@@ -99,13 +121,21 @@ def search(
     *,
     top_k: int = 1,
     options: DecodeOptions = CONSTRAINED,
+    blocklist: Blocklist | None = None,
 ) -> DecodeResult:
     """The `top_k` best lower lines for `upper` as `settings` answer: the beam search with the LM and phrase memory
-    fused in (a beam at least `top_k` wide) when they fuse one, else the exact k-best of `decode`."""
-    if settings.fused:
-        from couplet.decoding.beam import beam_decode
-
-        return beam_decode(upper, log_probs, vocab, top_k=top_k, options=options, lm=settings.lm,
-                           lm_weight=settings.config.lm_weight, phrases=settings.phrases,
-                           phrase_weights=settings.phrase_weights, beam_size=max(settings.config.beam_size, top_k))
-    return decode(upper, log_probs, vocab, top_k=top_k, options=options)
+    fused in (a beam at least `top_k` wide) when they fuse one, else the exact k-best of `decode`. With a
+    `blocklist` no answer contains a blocked word: its one-character words are masked like a rule, and lines with a
+    longer one give way to the next best (up to `_BLOCKLIST_DEPTH` lines deep; fewer answers, or none, beyond)."""
+    if blocklist is None or not blocklist.words:
+        return _search_once(upper, log_probs, vocab, settings, top_k, options)
+    if blocklist.single_chars:
+        options = replace(options, banned=options.banned | blocklist.single_chars)
+    want = top_k
+    while True:
+        result = _search_once(upper, log_probs, vocab, settings, want, options)
+        clean = [(line, score) for line, score in result.candidates if blocklist.find(line) is None]
+        if len(clean) >= top_k or len(result.candidates) < want or want >= _BLOCKLIST_DEPTH:
+            result.candidates = clean[:top_k]
+            return result
+        want = min(want * 4, _BLOCKLIST_DEPTH)
