@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from couplet.core.config import ModelConfig, TrainConfig
 from couplet.data.batches import LengthBucketBatches, load_split
@@ -58,7 +59,7 @@ def main() -> None:
     vocab_size = int(read_build_manifest(args.build_dir)["vocab_size"])
     train, valid = load_split(args.build_dir, "train", 16), load_split(args.build_dir, "valid", 16)
     tc = TrainConfig(lr_schedule="cosine", warmup_steps=args.warmup_steps, max_minutes=None)
-    extra = dict(item.removeprefix("model.").split("=", 1) for item in args.set)
+    extra = {k: yaml.safe_load(v) for k, v in (item.removeprefix("model.").split("=", 1) for item in args.set)}
     results = []
     for output in args.outputs.split(","):
         torch.manual_seed(0)

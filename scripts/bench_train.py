@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from couplet.core.config import ModelConfig
 from couplet.data.batches import LengthBucketBatches, load_split
@@ -81,7 +83,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kind", choices=sorted(MODEL_KINDS), default="gated_cnn", help="model.kind")
-    ap.add_argument("--output", default="full", help="model.output: full, adaptive, or both comma-separated (A/B)")
+    ap.add_argument("--output", default="full", help="model.output: full, adaptive, or several comma-separated (A/B); "
+                    "a variant may add model settings: adaptive+adaptive_div=1+adaptive_cutoffs=[0.2,0.5]")
     ap.add_argument("--conv", default="matmul", help="CPU training convolution: matmul (today's), stock (oneDNN), or both")
     ap.add_argument("--nproc", type=int, default=1, help="also measure this many processes under torchrun (DDP)")
     ap.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun rank of --nproc
@@ -161,14 +164,16 @@ def measure(args, ranks=None) -> list[dict]:
         ranks.check_batch(args.batch_size)
     world = 1 if ranks is None else ranks.world
     variants = []
-    for output in args.output.split(","):
+    for output in re.split(r",(?![^\[]*\])", args.output):  # commas inside [...] belong to a setting
         for conv in args.conv.split(","):
             if conv not in ("matmul", "stock"):
                 raise SystemExit(f"--conv {conv!r}: matmul or stock")
-            if args.loss == "plain" and output != "full":
+            if args.loss == "plain" and not output.startswith("full"):
                 raise SystemExit("--loss plain is the full output layer's stock loss: use it with --output full")
             torch.manual_seed(0)
-            model = build_labeller(vocab_size, ModelConfig(kind=args.kind, output=output)).to(device)
+            name, *extra = output.split("+")
+            cfg = ModelConfig(kind=args.kind, output=name, **{k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in extra)})
+            model = build_labeller(vocab_size, cfg).to(device)
             if args.adam == "fused":
                 optimizer = make_optimizer(model, 1e-3)
             else:
