@@ -151,3 +151,28 @@ def test_output_settings_are_checked_in_one_line():
         with pytest.raises(ConfigError) as err:
             load_config(None, bad)
         assert "\n" not in str(err.value)
+
+
+def test_the_train_stage_trains_resumes_and_saves_an_adaptive_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from couplet.core.config import replace
+    from couplet.modelling.loop import TrainingInterrupted
+    from couplet.modelling.train import train_labeller
+    from shardkit import make_build_dir
+
+    build = make_build_dir(tmp_path, PAIRS, valid_pairs=PAIRS[:2], test_pairs=PAIRS[:2])
+    config = replace(Config(), "model", embed_dim=32, n_blocks=2, output="adaptive")
+    config = replace(config, "train", batch_size=2, lr=2e-2, num_threads=1, checkpoint_every=5, max_steps=12,
+                     eval_every=4, patience=100, warmup_steps=3, ema_decay=0.9)
+    full = train_labeller(build, config, tmp_path / "full", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train_labeller(build, config, tmp_path / "cut", progress=False, stop_after=7)  # last checkpoint: step 5
+    resumed = train_labeller(build, config, tmp_path / "cut", progress=False)
+    assert resumed["resumed_from"] == 5 and resumed["steps"] == full["steps"] == 12
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert "head.head.weight" in a and "head.weight" not in a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+    model, _, loaded = load_labeller(tmp_path / "full")
+    assert loaded.model.output == "adaptive" and isinstance(model.head, nn.AdaptiveLogSoftmaxWithLoss)
