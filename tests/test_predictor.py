@@ -98,7 +98,7 @@ def test_match_result(predictor, model_dir):
     for c in result.candidates:
         assert len(c.lower) == 7 and all(a != b for a, b in zip(c.lower, "春风得意马蹄疾"))
     d = match_payload(result)  # the one wire format (API and `couplet match --json`)
-    assert set(d) == {"upper", "candidates", "constraints", "relaxed", "model"}
+    assert set(d) == {"upper", "candidates", "constraints", "relaxed", "model", "direction", "alternatives"}
     assert json.loads(json.dumps(d, ensure_ascii=False)) == d
     plain = predictor.match("春风得意马蹄疾", constrained=False)
     assert plain.constraints == []

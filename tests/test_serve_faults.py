@@ -202,6 +202,46 @@ def test_predictor_crash_is_a_json_500_not_a_hang(tiny_predictor):
             assert httpx.get(url + "/healthz").json()["model"] == "broken"
 
 
+@pytest.mark.parametrize(
+    "body, needles",
+    [
+        # pins (issue 18): each refusal names the pin
+        ({"upper": UPPER, "pins": {"7": "云"}}, ["pin 7=云", "out of range", "0 to 6"]),
+        ({"upper": UPPER, "pins": {"99": "云"}}, ["pin 99", "out of range"]),
+        ({"upper": UPPER, "pins": {"0": "，"}}, ["pin 0=，", "punctuation"]),
+        ({"upper": "春风，得意", "pins": {"2": "云"}}, ["pin 2=云", "punctuation"]),
+        ({"upper": UPPER, "pins": {"0": "龘"}}, ["pin 0=龘", "vocabulary"]),
+        ({"upper": UPPER, "pins": {"0": "云雨"}}, ["pin 0=云雨", "one character"]),
+        ({"upper": UPPER, "pins": {"0": ""}}, ["pin 0=", "one character"]),
+        ({"upper": UPPER, "pins": {"-1": "云"}}, ["pins", "'-1'", "not a position"]),
+        ({"upper": UPPER, "pins": {"first": "云"}}, ["pins", "'first'", "not a position"]),
+        ({"upper": UPPER, "pins": {"0": "云", "00": "雨"}}, ["pins", "both pin position 0"]),
+        ({"upper": UPPER, "pins": {"0": 5}}, ["pins.0", "string"]),
+        ({"upper": UPPER, "pins": ["云"]}, ["pins", "dictionary"]),
+        ({"upper": "山山水水", "pins": {"0": "云", "1": "雨"}}, ["repetition"]),
+        # 藏头
+        ({"upper": UPPER, "head": "云雨"}, ["head", "one character"]),
+        ({"upper": UPPER, "head": "云", "pins": {"0": "雨"}}, ["head 云", "position 0"]),
+        ({"upper": UPPER, "head": 1}, ["head", "string"]),
+        # alternatives
+        ({"upper": UPPER, "alternatives": 21}, ["alternatives", "0 and 20", "21"]),
+        ({"upper": UPPER, "alternatives": -1}, ["alternatives", "-1"]),
+        ({"upper": UPPER, "alternatives": "3"}, ["alternatives", "integer"]),
+        ({"upper": UPPER, "alternatives": 1.5}, ["alternatives"]),
+        # direction
+        ({"upper": UPPER, "direction": "left"}, ["direction", "'down' or 'up'", "left"]),
+        ({"upper": UPPER, "direction": None}, ["direction"]),
+        ({"upper": UPPER, "pins": {"0": "云"}, "dir": "up"}, ["unknown field 'dir'", "direction", "pins", "alternatives"]),
+        # a blocked word in the given line (the shipped default list; decode.block_input is on)
+        ({"upper": "你这傻逼"}, ["blocked word", "傻逼", "block_input"]),
+        ({"upper": "你这傻逼", "direction": "up", "pins": {"0": "云"}}, ["blocked word"]),
+    ],
+)
+def test_bad_studio_fields_are_422(client, unbatched_url, body, needles):
+    assert_error(client.post("/api/match", json=body), 422, *needles)
+    assert_error(httpx.post(unbatched_url + "/api/match", json=body, timeout=10), 422, *needles)
+
+
 def test_server_still_healthy_after_abuse(client):
     assert client.get("/healthz").status_code == 200
     assert client.post("/api/match", json={"upper": UPPER}).status_code == 200

@@ -3,16 +3,17 @@
 
 Routes:
 
-- `POST /api/match`  `{"upper": "...", "top_k": 3, "tone": false}` ->
-  `{"upper", "candidates": [{"lower", "score"}], "constraints": [...], "relaxed": [...], "model": id}`
+- `POST /api/match`  `{"upper": "...", "top_k": 3, "tone": false, "direction": "down", "pins": {"0": "福"}, "alternatives": 5}` ->
+  `{"upper", "candidates": [{"lower", "score"}], "constraints": [...], "relaxed": [...], "model": id, "direction",
+  "alternatives": [[{"char", "score"}, ...], ...]}`
 - `GET /healthz` -> `{"status": "ok", "model": id, "max_len": n}`
 - `GET /` -> the web page (couplet/web/index.html); `GET /openapi.json` -> the OpenAPI spec (no /docs: Swagger UI needs a CDN).
 
 Every error is `{"error": "<one line>"}` with a 4xx status: 400 malformed JSON or a bad Content-Length,
 408 a body that does not arrive in time, 413 a body over 16 KiB (refused from Content-Length before it is
 read, and capped while streaming), 415 a non-JSON content type, 422 a well-formed request that cannot be
-answered (missing/unknown/mistyped field, top_k outside 1..10, empty/too long/non-Chinese text, characters
-outside the vocabulary), 503 an overloaded server. Unexpected failures are a 500 with the same shape,
+answered (missing/unknown/mistyped field, top_k outside 1..10, alternatives outside 0..20, an unknown direction,
+an impossible pin, empty/too long/non-Chinese text, characters outside the vocabulary, a blocked word in the line), 503 an overloaded server. Unexpected failures are a 500 with the same shape,
 never an HTML page or a hang (couplet/serving/errors.py; the body checks are couplet/serving/body_guard.py).
 
 Inference is CPU-bound torch whose cost is mostly reading the weights, so a batch of lines costs little
@@ -20,6 +21,7 @@ more than one. By default `/api/match` queues each request for one inference thr
 couplet/serving/batcher.py) that answers whatever has queued in one `predictor.match_batch` call, while the
 event loop keeps parsing HTTP (torch releases the GIL). `create_app(..., batching=False)` instead calls
 `predictor.match` per request in Starlette's threadpool. docs/serving.md has the measurements behind the choice.
+Requests with pins or alternatives go through the same inference thread, answered one by one after each batch.
 
 What a route needs (the `Answerer`, the health answer, the page) lives on `app.state` and reaches the
 route through `Depends`.
@@ -66,10 +68,15 @@ class Answerer:
 
     async def answer(self, req: MatchRequest):
         if not self.batching:
-            return await run_in_threadpool(self.predictor.match, req.upper, top_k=req.top_k, constrained=req.constrained, tone=req.tone)
+            extra = {} if req.plain and req.direction == "down" else {
+                "direction": req.direction, "pins": req.pin_map(), "alternatives": req.alternatives}
+            return await run_in_threadpool(self.predictor.match, req.upper, top_k=req.top_k, constrained=req.constrained, tone=req.tone, **extra)
         if self.batcher is None:  # served without lifespan events
             self.start()
-        fut = self.batcher.submit(asyncio.get_running_loop(), req.upper, req.top_k, req.constrained, req.tone)
+        fut = self.batcher.submit(
+            asyncio.get_running_loop(), req.upper, req.top_k, req.constrained, req.tone,
+            req.direction, req.pin_map() if not req.plain else None, req.alternatives,
+        )
         try:
             async with asyncio.timeout(ANSWER_TIMEOUT_S):
                 return await fut
@@ -194,7 +201,8 @@ def app_from_env() -> FastAPI:
     device = os.environ.get("COUPLET_SERVE_DEVICE", "cpu")
     threads = os.environ.get("COUPLET_SERVE_THREADS")
     batching = os.environ.get("COUPLET_SERVE_BATCHING", "1") != "0"
-    predictor = Predictor.load(model_dir, device=device, num_threads=int(threads) if threads else None)
+    blocklist = os.environ.get("COUPLET_SERVE_BLOCKLIST") or None
+    predictor = Predictor.load(model_dir, device=device, num_threads=int(threads) if threads else None, blocklist=blocklist)
     app = create_app(predictor, batching=batching)
     if os.environ.get(ENV_VAR):  # several workers: spread keep-alive connections over them
         app.add_middleware(BalanceMiddleware, balancer=ConnectionBalancer(SlotTable(Path(os.environ[ENV_VAR]))))

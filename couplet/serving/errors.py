@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from couplet.serving.batcher import BusyError
 from couplet.serving.body_guard import error_response
-from couplet.serving.schemas import EXAMPLE_UPPER, TOP_K_MAX, ErrorResponse, MatchRequest
+from couplet.serving.schemas import ALTERNATIVES_MAX, EXAMPLE_UPPER, TOP_K_MAX, ErrorResponse, MatchRequest
 
 log = logging.getLogger("couplet.serve")  # the logger's name from before the split into couplet/serving/
 
@@ -40,9 +40,12 @@ def validation_message(exc: RequestValidationError) -> tuple[int, str]:
         detail = (err.get("ctx") or {}).get("error", "JSON decode error")
         pos = loc[1] if len(loc) > 1 else "?"
         return 400, f"malformed JSON at character {pos}: {detail}"
+    if kind == "value_error":  # the request's own checks (pins, head): their message names the field
+        message = str((err.get("ctx") or {}).get("error", "")) or str(err.get("msg", "invalid value"))
+        return 422, one_line(message)
     if loc == ("body",) and kind == "missing":
         return 422, f"request body is empty: send a JSON object like {example}"
-    if loc == ("body",) or kind in ("model_attributes_type", "dict_type"):
+    if loc == ("body",) or (kind in ("model_attributes_type", "dict_type") and not field):  # not `pins`: its own line
         return 422, f"request body must be a JSON object like {example}"
     if kind == "missing":
         extra = [_field_name(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "extra_forbidden"]
@@ -53,6 +56,8 @@ def validation_message(exc: RequestValidationError) -> tuple[int, str]:
         return 422, f"unknown field {field!r} (known: {known})"
     if field == "top_k" and kind in ("greater_than_equal", "less_than_equal"):
         return 422, f"top_k must be between 1 and {TOP_K_MAX} (got {err.get('input')!r})"
+    if field == "alternatives" and kind in ("greater_than_equal", "less_than_equal"):
+        return 422, f"alternatives must be between 0 and {ALTERNATIVES_MAX} (got {err.get('input')!r})"
     msg = str(err.get("msg", "invalid value"))
     msg = msg[:1].lower() + msg[1:]
     got = err.get("input")
