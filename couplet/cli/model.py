@@ -16,7 +16,7 @@ _MODEL_HELP = "Model directory. Default: the champion in models/registry.json, e
 _BATCH = 512
 
 
-def _load_predictor(model: Optional[str], batch: bool = False):
+def _load_predictor(model: Optional[str], batch: bool = False, blocklist: Optional[Path] = None):
     import torch
 
     from couplet.predictor import ModelNotFoundError, Predictor, resolve_model_dir
@@ -29,8 +29,15 @@ def _load_predictor(model: Optional[str], batch: bool = False):
     # make torch's thread barriers wait (2 threads on 2 busy cores: ~50x slower). Batches of lines do
     # gain from a few threads. See docs/decoding.md and scripts/bench_infer.py.
     threads = min(4, torch.get_num_threads()) if batch else 1
+    if blocklist is not None:
+        from couplet.decoding.blocklist import Blocklist
+
+        try:
+            Blocklist.load(blocklist)
+        except ValueError as exc:
+            fail(f"--blocklist: {' '.join(str(exc).split())}")
     try:
-        return Predictor.load(model_dir, num_threads=threads)
+        return Predictor.load(model_dir, num_threads=threads, blocklist=blocklist)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
 
@@ -43,6 +50,52 @@ def _format(result, top_k: int, as_json: bool) -> str:
     if top_k == 1:
         return result.best
     return "\t".join(c.lower for c in result.candidates)
+
+
+def _format_alternatives(result) -> list[str]:
+    """The alternatives of the best line, one line per position: `  0 海 | 月 -22.56  云 -22.77`."""
+    rows = []
+    for i, (ch, others) in enumerate(zip(result.best, result.alternatives)):
+        shown = "  ".join(f"{a.char} {a.score:.2f}" for a in others) if others else "(none)"
+        rows.append(f"{i:>3} {ch} | {shown}")
+    return rows
+
+
+def _print_answer(result, top_k: int, as_json: bool, prefix: str = "") -> None:
+    """One answer of a single line or the prompt: the best line (or a numbered list), then its alternatives."""
+    if as_json:
+        typer.echo(_format(result, top_k, as_json))
+        return
+    if top_k == 1:
+        typer.echo(prefix + result.best)
+    else:
+        for i, c in enumerate(result.candidates, 1):
+            typer.echo(f"{i:>2}. {c.lower}  ({c.score:.2f})")
+    if result.alternatives:
+        typer.echo("alternatives (position, character | others with the line's score):")
+        for row in _format_alternatives(result):
+            typer.echo(row)
+
+
+def _parse_pins(pins: list[str], head: Optional[str]) -> dict[int, str]:
+    """`--pin POS=CHAR` (repeatable) and `--head CHAR` as {position: character}; a malformed one fails in one line."""
+    found: dict[int, str] = {}
+    for raw in pins:
+        pos, sep, ch = raw.partition("=")
+        pos = pos.strip()
+        if not sep or not pos.isascii() or not pos.isdigit() or len(pos) > 4 or not ch:
+            fail(f"--pin {raw!r}: expected POS=CHAR with a position from 0, e.g. --pin 0=福")
+        position = int(pos)
+        if position in found:
+            fail(f"--pin: two pins at position {position} ({found[position]} and {ch})")
+        found[position] = ch
+    if head is not None:
+        if len(head) != 1:
+            fail(f"--head {head!r}: one character (藏头 pins the answer's first character)")
+        if found.get(0, head) != head:
+            fail(f"--head {head} and --pin 0={found[0]} both pin position 0")
+        found[0] = head
+    return found
 
 
 def _format_error(raw: str, message: str, as_json: bool) -> str:
@@ -85,10 +138,30 @@ def _chunks(lines: list[str]) -> Iterator[list[str]]:
         yield lines[start : start + _BATCH]
 
 
-def _answer_stream(predictor, chunks: Iterator[list[str]], top_k: int, constrained: bool, tone: bool, as_json: bool) -> int:
+def _answer_stream(predictor, chunks: Iterator[list[str]], top_k: int, constrained: bool, tone: bool, as_json: bool,
+                   studio: dict | None = None) -> int:
+    """Answer lines in chunks; `studio` (direction, pins, alternatives) goes to every line. Plain requests are
+    batched (`match_batch`); with pins or alternatives each line is answered on its own."""
+    from couplet.predictor import InputError
+
+    studio = studio or {}
+    direction = studio.get("direction", "down")
+    per_line = bool(studio.get("pins") or studio.get("alternatives"))
     bad = 0
     for chunk in chunks:
-        results = predictor.match_batch(chunk, top_k=top_k, constrained=constrained, tone=tone, errors="return")
+        if per_line:
+            results = []
+            for line in chunk:
+                try:
+                    results.append(predictor.match(line, top_k=top_k, constrained=constrained, tone=tone, **studio))
+                except InputError as exc:
+                    results.append(exc)
+        else:
+            try:
+                extra = {"direction": direction} if direction != "down" else {}
+                results = predictor.match_batch(chunk, top_k=top_k, constrained=constrained, tone=tone, errors="return", **extra)
+            except InputError as exc:  # a direction this model cannot answer: every line would fail the same way
+                fail(str(exc))
         out = []
         for raw, res in zip(chunk, results):
             if isinstance(res, Exception):
@@ -101,7 +174,7 @@ def _answer_stream(predictor, chunks: Iterator[list[str]], top_k: int, constrain
     return bad
 
 
-def _interactive(predictor, top_k: int, constrained: bool, tone: bool, as_json: bool) -> None:
+def _interactive(predictor, top_k: int, constrained: bool, tone: bool, as_json: bool, studio: dict | None = None) -> None:
     from couplet.core.config import couplet_home
     from couplet.predictor import InputError
 
@@ -117,11 +190,14 @@ def _interactive(predictor, top_k: int, constrained: bool, tone: bool, as_json: 
             readline.set_history_length(1000)
         except OSError:
             pass
-    typer.echo(f"couplet: model {predictor.model_id}; type an upper line (上联), Ctrl-D leaves.", err=True)
+    studio = studio or {}
+    reverse = studio.get("direction") == "up"
+    given, answer = ("下联", "上联") if reverse else ("上联", "下联")
+    typer.echo(f"couplet: model {predictor.model_id}; type {'a lower' if reverse else 'an upper'} line ({given}), Ctrl-D leaves.", err=True)
     try:
         while True:
             try:
-                line = input("上联> ")
+                line = input(f"{given}> ")
             except EOFError:
                 typer.echo("", err=True)
                 break
@@ -131,17 +207,11 @@ def _interactive(predictor, top_k: int, constrained: bool, tone: bool, as_json: 
             if not line.strip():
                 continue
             try:
-                result = predictor.match(line, top_k=top_k, constrained=constrained, tone=tone)
+                result = predictor.match(line, top_k=top_k, constrained=constrained, tone=tone, **studio)
             except InputError as exc:
                 typer.echo(f"error: {exc}")
                 continue
-            if as_json:
-                typer.echo(_format(result, top_k, as_json))
-            elif top_k == 1:
-                typer.echo(f"下联: {result.best}")
-            else:
-                for i, c in enumerate(result.candidates, 1):
-                    typer.echo(f"{i:>2}. {c.lower}  ({c.score:.2f})")
+            _print_answer(result, top_k, as_json, prefix=f"{answer}: ")
     finally:
         if readline is not None:
             try:
@@ -160,29 +230,44 @@ def match(
     tone: bool = typer.Option(False, "--tone/--no-tone", help="Upper line ending in 仄 -> lower line ends in 平."),
     unconstrained: bool = typer.Option(False, "--unconstrained", help="The seed's plain argmax (no couplet constraints)."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Answer every line of this file ('-' = stdin), one output line each."),
+    reverse: bool = typer.Option(False, "--reverse", help="The other direction: the given line is a lower line (下联), the answer an upper line (上联); the tone rule is mirrored. Needs a model trained with model.directions=2."),
+    pin: list[str] = typer.Option([], "--pin", metavar="POS=CHAR", help="Force CHAR at position POS of the answer (from 0); repeatable. A rule the pin forbids gives way (named in relaxed); an impossible pin is an error."),
+    head: Optional[str] = typer.Option(None, "--head", metavar="CHAR", help="藏头: the answer starts with CHAR (the same as --pin 0=CHAR)."),
+    alternatives: int = typer.Option(0, "--alternatives", metavar="N", help="Also show, for each position of the best answer, up to N (0..20) other characters that keep the whole line a valid couplet, with the line's score (--file/stdin: with --json)."),
+    blocklist: Optional[Path] = typer.Option(None, "--blocklist", metavar="PATH", help="A word list (UTF-8, one word per line, '#' comments) added to the model's: no answer contains these words, and a line containing one is refused."),
 ) -> None:
-    """Answer an upper line (上联) with a lower line (下联).
+    """Answer an upper line (上联) with a lower line (下联), or with --reverse a lower line with an upper line.
 
     With an argument: one answer. With --file or piped stdin: one output line per input line (a bad
     line gets an `error: ...` line). Otherwise an interactive prompt (history in $COUPLET_HOME/.couplet_history).
+    --pin, --head and --alternatives apply to every line.
     """
     from couplet.predictor import InputError
+    from couplet.serving.schemas import ALTERNATIVES_MAX
 
     constrained = not unconstrained
     if upper is not None and file is not None:
         fail("give either an upper line or --file, not both")
+    if not 0 <= alternatives <= ALTERNATIVES_MAX:
+        fail(f"--alternatives must be from 0 to {ALTERNATIVES_MAX}, got {alternatives}")
+    pins = _parse_pins(pin, head)
+    studio: dict = {}
+    if reverse:
+        studio["direction"] = "up"
+    if pins:
+        studio["pins"] = pins
+    if alternatives:
+        studio["alternatives"] = alternatives
     if upper is not None:
-        predictor = _load_predictor(model)
+        predictor = _load_predictor(model, blocklist=blocklist)
         try:
-            result = predictor.match(upper, top_k=top_k, constrained=constrained, tone=tone)
+            result = predictor.match(upper, top_k=top_k, constrained=constrained, tone=tone, **studio)
         except InputError as exc:
             fail(str(exc))
-        if as_json or top_k == 1:
-            typer.echo(_format(result, top_k, as_json))
-        else:
-            for i, c in enumerate(result.candidates, 1):
-                typer.echo(f"{i:>2}. {c.lower}  ({c.score:.2f})")
+        _print_answer(result, top_k, as_json)
         return
+    if alternatives and not as_json and (file is not None or sys.stdin is None or not sys.stdin.isatty()):
+        fail("--alternatives with --file or stdin needs --json (one JSON object per line)")
     if file is not None and str(file) != "-":
         if not file.is_file():
             fail(f"file not found: {file}")
@@ -190,16 +275,16 @@ def match(
             text = file.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             fail(f"{file} is not UTF-8 text (byte {exc.start})")
-        predictor = _load_predictor(model, batch=True)
-        _answer_stream(predictor, _chunks(text.split("\n")), top_k, constrained, tone, as_json)
+        predictor = _load_predictor(model, batch=True, blocklist=blocklist)
+        _answer_stream(predictor, _chunks(text.split("\n")), top_k, constrained, tone, as_json, studio)
         return
     stdin = sys.stdin
     if file is not None or stdin is None or not stdin.isatty():
-        predictor = _load_predictor(model, batch=True)
-        _answer_stream(predictor, _stream_chunks(stdin), top_k, constrained, tone, as_json)
+        predictor = _load_predictor(model, batch=True, blocklist=blocklist)
+        _answer_stream(predictor, _stream_chunks(stdin), top_k, constrained, tone, as_json, studio)
         return
-    predictor = _load_predictor(model)
-    _interactive(predictor, top_k, constrained, tone, as_json)
+    predictor = _load_predictor(model, blocklist=blocklist)
+    _interactive(predictor, top_k, constrained, tone, as_json, studio)
 
 
 def _metrics_table(metrics: dict):

@@ -66,6 +66,7 @@ def serve(
     loop: str = typer.Option("auto", help="uvicorn event loop: auto (uvloop if installed) | asyncio | uvloop."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="With several workers, a worker holding 2+ more keep-alive connections than another closes one after answering, so the client reconnects to a less busy worker."),
     log_level: str = typer.Option("warning", help="uvicorn log level (critical|error|warning|info|debug)."),
+    blocklist: Optional[Path] = typer.Option(None, "--blocklist", help="A word list (UTF-8, one word per line, '#' comments) added to the model's blocklist: no answer contains these words, and a line containing one is refused with 422 (unless the model's decode.block_input is false)."),
 ) -> None:
     """Serve the couplet robot: POST /api/match, GET /healthz, the web page at /, OpenAPI at /openapi.json."""
     import uvicorn
@@ -80,6 +81,13 @@ def serve(
         model_dir = resolve_model_dir(model)
     except (FileNotFoundError, InputError, ValueError, OSError) as exc:
         fail(f"no model to serve: {' '.join(str(exc).split())}")
+    if blocklist is not None:
+        from couplet.decoding.blocklist import Blocklist
+
+        try:
+            Blocklist.load(blocklist)
+        except ValueError as exc:
+            fail(f"--blocklist: {' '.join(str(exc).split())}")
     if not _port_free(host, port):
         fail(f"cannot listen on {host}:{port}: address in use or not available (choose another with --port/--host)")
 
@@ -105,7 +113,7 @@ def serve(
     )
     if workers == 1:
         try:
-            predictor = Predictor.load(model_dir, device=device, num_threads=threads)  # once; shared by every request
+            predictor = Predictor.load(model_dir, device=device, num_threads=threads, blocklist=blocklist)  # once; shared by every request
         except (OSError, ValueError, KeyError) as exc:
             fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
         from couplet.serving import create_app
@@ -113,7 +121,7 @@ def serve(
         _serve_until_signalled(lambda: uvicorn.run(create_app(predictor, batching=batching), **server_kwargs))
     else:
         try:  # fail here, once, with a clear message rather than in every worker
-            Predictor.load(model_dir, device=device)
+            Predictor.load(model_dir, device=device, blocklist=blocklist)
         except (OSError, ValueError, KeyError) as exc:
             fail(f"cannot load model {model_dir}: {' '.join(str(exc).split())}")
         from couplet.serving.balance import ENV_VAR as BALANCE_ENV
@@ -124,6 +132,10 @@ def serve(
         os.environ["COUPLET_SERVE_DEVICE"] = device
         os.environ["COUPLET_SERVE_BATCHING"] = "1" if batching else "0"
         os.environ["COUPLET_SERVE_THREADS"] = str(threads)
+        if blocklist is not None:
+            os.environ["COUPLET_SERVE_BLOCKLIST"] = str(blocklist.resolve())
+        else:
+            os.environ.pop("COUPLET_SERVE_BLOCKLIST", None)
         with tempfile.TemporaryDirectory(prefix="couplet-serve-") as shared:
             if balance:
                 os.environ[BALANCE_ENV] = str(create_slot_file(Path(shared) / "slots", workers))
