@@ -124,6 +124,10 @@ def test_evaluate_chooses_the_phrase_weights_on_valid_and_scores_the_phrase_base
     assert result["beats_baseline"] == (metrics["test"]["ideograph_accuracy"] > metrics["test_baseline"]["ideograph_accuracy"] + 1e-9)
     samples = (model_dir / MODEL_FILES.samples).read_text()
     assert "phrase-table baseline" in samples and "Fusion weights chosen on 2 valid couplets" in samples
+    # a model with the direction marker is also scored the other way on the same pairs
+    assert config.model.directions == 2 and metrics["test_reverse"]["direction"] == "up"
+    assert metrics["test"]["reverse_ideograph_accuracy"] == metrics["test_reverse"]["ideograph_accuracy"]
+    assert metrics["test_reverse"]["n_test"] == len(TEST) and "model, reverse (lower → upper)" in samples
     predictor = Predictor.load(model_dir)  # answers as scored: with the memory when a chosen weight is > 0
     assert (predictor.decoding.phrases is not None) == any(v > 0 for v in tuning["chosen"].values())
 

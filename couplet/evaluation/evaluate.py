@@ -120,14 +120,16 @@ def evaluate_pairs(
     constrained: bool = True,
     tone: bool = False,
     batch_size: int = 512,
+    direction: str = "down",
 ) -> tuple[dict, list[str]]:
     """(metrics, predictions): decode every upper line and score against the references (no-reuse as the
-    predictor's decoding settings say, with `constrained`)."""
+    predictor's decoding settings say, with `constrained`). direction="up": `uppers` are lower lines and the
+    references upper lines (a model trained with the direction marker)."""
     if len(uppers) != len(references):
         raise ValueError(f"{len(uppers)} upper lines but {len(references)} references")
     options = predictor.decode_options(constrained=constrained, tone=tone)
     results = predictor.match_batch(
-        uppers, top_k=1, options=options, allow_unknown=True, errors="return", batch_size=batch_size
+        uppers, top_k=1, options=options, allow_unknown=True, errors="return", batch_size=batch_size, direction=direction
     )
     predictions = [r.best if not isinstance(r, InputError) else "" for r in results]
     bad = sum(isinstance(r, InputError) for r in results)
@@ -137,6 +139,7 @@ def evaluate_pairs(
     metrics["n_unanswerable"] = bad
     metrics["decoding"] = options.names() or ["argmax"]
     metrics["model"] = predictor.model_id
+    metrics["direction"] = direction
     return metrics, predictions
 
 
@@ -313,7 +316,11 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         baseline_metrics, baseline_predictions = evaluate_pairs(baseline, uppers, references, **decoding)
         dictionary = DictionaryBaseline.from_build(build_dir, predictor.config)  # same max_len: same lines answered
         dictionary_metrics, _ = evaluate_pairs(dictionary, uppers, references, **decoding)
-        for scored in (metrics, baseline_metrics, dictionary_metrics):
+        reverse = None
+        if getattr(getattr(predictor.model, "cfg", None), "directions", 1) == 2:  # the same test pairs, lower -> upper
+            reverse, _ = evaluate_pairs(predictor, references, uppers, direction="up", **decoding)
+            metrics["reverse_ideograph_accuracy"], metrics["reverse_bleu"] = reverse["ideograph_accuracy"], reverse["bleu"]
+        for scored in (metrics, baseline_metrics, dictionary_metrics, *([reverse] if reverse else [])):
             scored["test_fingerprint"] = fingerprint
             scored["n_test"] = len(uppers)
         metrics["baseline"] = BASELINE_NAME
@@ -321,7 +328,8 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         metrics["beats_baseline"] = beats_baseline(metrics, baseline_metrics)
         metrics["dictionary_ideograph_accuracy"] = dictionary_metrics["ideograph_accuracy"]
         preamble = scores_markdown({f"model ({len(uppers)} couplets)": metrics, BASELINE_NAME: baseline_metrics,
-                                    "dictionary (reference)": dictionary_metrics})
+                                    "dictionary (reference)": dictionary_metrics,
+                                    **({"model, reverse (lower → upper)": reverse} if reverse else {})})
         if tuning["tuned"]:
             chosen = tuning["chosen"]
             preamble += (f"\n\nFusion weights chosen on {tuning['n_valid']} valid couplets: phrase unigrams "
@@ -336,6 +344,8 @@ def run_evaluate(trained: dict, built: dict, config: Config, home: Path, force: 
         all_metrics["test"] = metrics
         all_metrics["test_baseline"] = baseline_metrics
         all_metrics["test_dictionary"] = dictionary_metrics
+        if reverse:
+            all_metrics["test_reverse"] = reverse
         atomic_write_json(folder / MODEL_FILES.metrics, all_metrics)
         samples_path = folder / MODEL_FILES.samples
         previous = samples_path.read_text(encoding="utf-8") if samples_path.is_file() else ""
