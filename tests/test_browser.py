@@ -110,3 +110,84 @@ def test_page_shows_errors_inline(page, base_url):
     page.wait_for_selector("#candidates li.candidate")
     assert error.is_hidden()
     assert page.locator("#scroll-upper").inner_text().replace("\n", "") == "海阔凭鱼跃"
+
+
+def _scroll_text(page, selector: str) -> str:
+    return page.locator(selector).inner_text().replace("\n", "")
+
+
+def test_page_alternatives_pin_and_clear(page, base_url, tiny_predictor, tmp_path):
+    """Click a character of the answer, pick an alternative: it is pinned there and the line is answered again,
+    still a couplet; clearing the pins brings back the first answer (issue 18)."""
+    page.goto(base_url + "/")
+    page.fill("#upper", UPPER)
+    page.select_option("#top_k", "1")
+    page.click("#match")
+    page.wait_for_selector("#candidates li.candidate")
+    first = _scroll_text(page, "#scroll-lower")
+    assert first == tiny_predictor.match(UPPER).best
+    assert page.locator("#clear-pins").is_disabled()
+
+    page.locator("#scroll-lower .ch.pick").nth(2).click()
+    page.wait_for_selector("#alternatives button.alt")
+    offered = [b.get_attribute("data-char") for b in page.locator("#alternatives button.alt").all()]
+    expected = [a.char for a in tiny_predictor.match(UPPER, alternatives=8).alternatives[2]]
+    assert offered == expected and first[2] not in offered
+    assert "第 3 字" in page.locator("#alternatives-title").inner_text()
+
+    pick = offered[0]
+    page.locator("#alternatives button.alt").first.click()
+    page.wait_for_function(
+        "c => Array.from(document.querySelectorAll('#scroll-lower .ch')).map(e => e.textContent)[2] === c", arg=pick
+    )
+    second = _scroll_text(page, "#scroll-lower")
+    assert len(second) == len(UPPER) and second[2] == pick
+    assert all(a != b for a, b in zip(UPPER, second))  # still a couplet: nothing copied in place
+    assert second == tiny_predictor.match(UPPER, pins={2: pick}).best
+    assert _scroll_text(page, "#scroll-upper") == UPPER
+    assert page.locator("#scroll-lower .ch.pinned").count() >= 1
+    assert page.locator("#scroll-lower .ch").nth(2).get_attribute("class").split().count("pinned") == 1
+    assert pick in page.locator("#pins").inner_text()
+    assert page.locator("#clear-pins").is_enabled()
+    assert page.locator("#error").is_hidden()
+    page.screenshot(path=str(tmp_path / "pinned.png"), full_page=True)
+
+    page.click("#clear-pins")
+    page.wait_for_function("document.getElementById('pins').textContent === '—'")
+    page.wait_for_function("t => Array.from(document.querySelectorAll('#scroll-lower .ch')).map(e => e.textContent).join('') === t", arg=first)
+    assert page.locator("#clear-pins").is_disabled()
+    assert page.locator("#scroll-lower .ch.pinned").count() == 0
+
+
+def test_page_reverse_direction_and_head(page, base_url, tiny_predictor):
+    """下联→上联 with a 藏头 character: the given line hangs on the left (下联), the answer on the right, starting with it."""
+    page.goto(base_url + "/")
+    page.click("label[for=dir-up]")
+    assert page.locator("#match").inner_text() == "对上联"
+    assert "上联" in page.locator("#candidates-title").inner_text()
+    page.fill("#upper", UPPER)
+    page.fill("#head", "云")
+    page.select_option("#top_k", "2")
+    page.click("#match")
+    page.wait_for_selector("#candidates li.candidate")
+    lowers = page.locator("#candidates li.candidate .lower").all_inner_texts()
+    assert lowers == [c.lower for c in tiny_predictor.match(UPPER, top_k=2, direction="up", pins={0: "云"}).candidates]
+    assert all(line[0] == "云" and len(line) == len(UPPER) for line in lowers)
+    assert _scroll_text(page, "#scroll-lower") == UPPER  # the given line is the 下联
+    assert _scroll_text(page, "#scroll-upper") == lowers[0]
+    assert page.locator("#scroll-upper .ch.pick").count() == len(UPPER)
+    assert page.locator("#scroll-lower .ch.pick").count() == 0
+
+    # alternatives of a candidate other than the best are asked for that line
+    if len(lowers) > 1:
+        page.locator("#candidates li.candidate").nth(1).click()
+        page.locator("#scroll-upper .ch.pick").nth(1).click()
+        page.wait_for_selector("#alternatives button.alt, #alternatives li.empty")
+        assert lowers[1][1] not in [b.get_attribute("data-char") for b in page.locator("#alternatives button.alt").all()]
+
+    # back to 上联→下联: the head still applies, the page labels follow
+    page.click("label[for=dir-down]")
+    page.click("#match")
+    page.wait_for_function("t => document.getElementById('scroll-upper').textContent === t", arg=UPPER)
+    assert _scroll_text(page, "#scroll-lower")[0] == "云"
+    assert page.locator("#match").inner_text() == "对下联"
