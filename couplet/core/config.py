@@ -105,12 +105,14 @@ class ModelConfig(_Section):
     # entry per tail cluster, each cluster a smaller softmax behind its own projection; exact log-probabilities,
     # cheaper training on CPU (docs/benchmarks.md "Output layer")
     output: Literal["full", "adaptive"] = setting("full", former="full")
+    # (adaptive_cutoffs, adaptive_div: their former values are this default's, so an old checkpoint's fingerprint,
+    # which lacks them, still matches; they mean nothing with output=full)
     # adaptive only: where the head and each tail cluster end, as shares of the vocabulary size (increasing, in
     # (0, 1)); 1/8 and 1/3 hold ~80% and ~95% of poetry-couplets' training characters
-    adaptive_cutoffs: tuple[float, ...] = Field(default=(0.125, 0.33), min_length=1)
+    adaptive_cutoffs: tuple[float, ...] = setting((0.125, 0.33), former=(0.125, 0.33), min_length=1)
     # adaptive only: tail cluster i projects to embed_dim / adaptive_div**(i + 1) dimensions (torch's div_value);
     # 1 (full width) matched the full layer's valid loss at equal steps, 2 was 0.02 nats worse at 2,000 steps
-    adaptive_div: float = Field(default=1.0, ge=1)
+    adaptive_div: float = setting(1.0, former=1.0, ge=1)
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
