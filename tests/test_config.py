@@ -146,6 +146,7 @@ def test_configs_seed_yaml_is_the_seed_recipe_whatever_the_defaults():
     assert (t.epochs, t.patience, t.max_minutes) == (10, 3, None) and seed.data.min_count == 2
     assert seed.decode.lm_weight == 0.0
     assert (m.directions, t.swapped_pairs) == (1, False)  # one direction, the dataset's pairs only
+    assert m.output == "full"  # the seed's softmax over the whole vocabulary
 
 
 @pytest.mark.parametrize(
