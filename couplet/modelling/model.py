@@ -7,7 +7,7 @@ kernels it calls (fused output layer + loss, convolution as a matmul) are in cou
 
 model.output picks the output layer: "full", one linear layer + softmax over the vocabulary (the seed), or
 "adaptive", torch's nn.AdaptiveLogSoftmaxWithLoss over the frequency-sorted vocabulary (a head for the most
-frequent ids, tail clusters behind narrower projections; exact log-probabilities, cheaper training on CPU).
+frequent ids, tail clusters behind their own projections; exact log-probabilities, cheaper training on CPU).
 Either way the module is `head` (and `refine_head`), so a full model's state dict is as before.
 
 With model.directions=2 a learnt direction embedding (row 0 "down": upper -> lower, row 1 "up": lower -> upper)
@@ -173,6 +173,7 @@ class CoupletLabeller(nn.Module):
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None):
         """ids (B, L) int64 -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean loss over non-PAD).
+        With model.output=adaptive the "logits" are the exact log-probabilities (log_softmax leaves them as they are).
         `direction` (B,) int64: 0 "down" (upper -> lower), 1 "up" (lower -> upper, model.directions=2); None: all 0.
 
         With targets the logits are not materialised for the caller: on CPU the loss is fused with the
