@@ -42,9 +42,15 @@ BASELINE_ID = "dictionary-baseline"
 FLOOR = -100.0  # log-probability of what the dictionary never answers (any smoothed entry is above -30)
 
 
-def _forward_only(direction: str) -> None:
+def _per_character(vocab: Vocab, lines: Sequence[str], direction: str, rows) -> np.ndarray:
+    """(B, L, V) float32 for equally long lines from `rows(upper_ids) -> (n, V)`, one row per distinct character."""
     if direction != "down":
         raise InputError(f"the baselines answer upper → lower only (direction 'down'), got {direction!r}")
+    if not lines:
+        return np.zeros((0, 0, len(vocab)), dtype=np.float32)
+    ids = np.array([[vocab.stoi.get(ch, UNK) for ch in line] for line in lines], dtype=np.int64)
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return rows(unique)[inverse.reshape(ids.shape)]
 
 
 class DictionaryBaseline(Predictor):
@@ -89,13 +95,7 @@ class DictionaryBaseline(Predictor):
 
     def log_probs(self, lines: Sequence[str], direction: str = "down") -> np.ndarray:
         """(B, L, V) float32 log-probabilities for equally long, already prepared lines (upper → lower only)."""
-        _forward_only(direction)
-        if not lines:
-            return np.zeros((0, 0, len(self.vocab)), dtype=np.float32)
-        stoi = self.vocab.stoi
-        ids = np.array([[stoi.get(ch, UNK) for ch in line] for line in lines], dtype=np.int64)
-        unique, inverse = np.unique(ids, return_inverse=True)
-        return self.rows(unique)[inverse.reshape(ids.shape)]
+        return _per_character(self.vocab, lines, direction, self.rows)
 
     def lookup(self, upper: str) -> str | None:
         """The dictionary's entry for one character: its most frequent aligned lower character in
@@ -138,11 +138,5 @@ class PhraseBaseline(Predictor):
 
     def log_probs(self, lines: Sequence[str], direction: str = "down") -> np.ndarray:
         """(B, L, V) float32: each position's log p1(lower char | upper char), floored at FLOOR like the dictionary's."""
-        _forward_only(direction)
-        if not lines:
-            return np.zeros((0, 0, len(self.vocab)), dtype=np.float32)
-        stoi = self.vocab.stoi
-        ids = np.array([[stoi.get(ch, UNK) for ch in line] for line in lines], dtype=np.int64)
-        unique, inverse = np.unique(ids, return_inverse=True)
-        rows = np.maximum(self.memory.unigram_rows(unique), np.float32(FLOOR))
-        return rows[inverse.reshape(ids.shape)]
+        return _per_character(self.vocab, lines, direction,
+                              lambda ids: np.maximum(self.memory.unigram_rows(ids), np.float32(FLOOR)))

@@ -79,37 +79,14 @@ def read_pair_files(in_path: str | os.PathLike, out_path: str | os.PathLike) -> 
     return uppers, references
 
 
-def _prepare_all(predictor: Predictor, uppers: Sequence[str]) -> tuple[list[str | None], int]:
-    prepared: list[str | None] = []
-    bad = 0
-    for line in uppers:
-        try:
-            prepared.append(predictor.prepare(line, allow_unknown=True))
-        except InputError:
-            prepared.append(None)
-            bad += 1
-    return prepared, bad
-
-
 def _decode_all(
     predictor: Predictor, uppers: Sequence[str], variants: Sequence[DecodeOptions], batch_size: int
 ) -> tuple[list[list[str]], int]:
     """Best lower line of every upper line under each decoding variant, answered as `predictor.answer` does (one
     model call per batch, shared by the variants)."""
-    prepared, bad = _prepare_all(predictor, uppers)
-    out = [[""] * len(uppers) for _ in variants]
-    by_length: dict[int, list[int]] = {}
-    for i, text in enumerate(prepared):
-        if text is not None:
-            by_length.setdefault(len(text), []).append(i)
-    for idx in by_length.values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            lps = predictor.log_probs([prepared[i] for i in chunk])
-            for row, i in enumerate(chunk):
-                for v, options in enumerate(variants):
-                    out[v][i] = predictor.answer(prepared[i], lps[row], 1, options).best
-    return out, bad
+    from couplet.evaluation.tuning import decode_each
+
+    return decode_each(predictor, uppers, [(predictor, options) for options in variants], batch_size)
 
 
 def evaluate_pairs(

@@ -17,10 +17,11 @@ from dataclasses import replace as replace_settings
 from typing import Sequence
 
 from couplet.core.config import DecodeConfig
+from couplet.decoding.constraints import DecodeOptions
 from couplet.evaluation.metrics import corpus_bleu, ideograph_hits
 from couplet.predictor import InputError, Predictor
 
-__all__ = ["PHRASE_GRID", "BASELINE_GRID", "choose_decode", "sample_rows"]
+__all__ = ["PHRASE_GRID", "BASELINE_GRID", "choose_decode", "decode_each", "sample_rows", "with_weights"]
 
 Weights = tuple[float, float, float]
 PHRASE_GRID: list[Weights] = [(u, b, t) for u in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0) for t in (0.0, 0.5)]
@@ -42,17 +43,18 @@ def with_weights(predictor: Predictor, weights: Weights) -> Predictor:
     return other
 
 
-def _decode_grid(predictor: Predictor, uppers: Sequence[str], grid: Sequence[Weights], batch_size: int) -> list[list[str]]:
-    """Best lower line of every upper line for each grid point (lines the predictor refuses: "")."""
-    answerers = [with_weights(predictor, weights) for weights in grid]
-    options = predictor.decode_options(constrained=predictor.config.decode.constrained, tone=predictor.config.decode.tone)
+def decode_each(predictor: Predictor, uppers: Sequence[str], answerers: Sequence[tuple[Predictor, DecodeOptions]],
+                batch_size: int) -> tuple[list[list[str]], int]:
+    """Best line for every upper line from each (answerer, options), the answerers sharing `predictor`'s model: one
+    model call per batch of equally long lines, shared by all; lines the predictor refuses get "". Also returns how
+    many it refused."""
     prepared: list[str | None] = []
     for line in uppers:
         try:
             prepared.append(predictor.prepare(line, allow_unknown=True))
         except InputError:
             prepared.append(None)
-    out = [[""] * len(uppers) for _ in grid]
+    out = [[""] * len(uppers) for _ in answerers]
     by_length: dict[int, list[int]] = {}
     for i, text in enumerate(prepared):
         if text is not None:
@@ -62,9 +64,15 @@ def _decode_grid(predictor: Predictor, uppers: Sequence[str], grid: Sequence[Wei
             chunk = idx[start : start + batch_size]
             lps = predictor.log_probs([prepared[i] for i in chunk])
             for row, i in enumerate(chunk):
-                for v, answerer in enumerate(answerers):
+                for v, (answerer, options) in enumerate(answerers):
                     out[v][i] = answerer.answer(prepared[i], lps[row], 1, options).best
-    return out
+    return out, sum(text is None for text in prepared)
+
+
+def _decode_grid(predictor: Predictor, uppers: Sequence[str], grid: Sequence[Weights], batch_size: int) -> list[list[str]]:
+    """Best lower line of every upper line for each grid point (lines the predictor refuses: "")."""
+    options = predictor.decode_options(constrained=predictor.config.decode.constrained, tone=predictor.config.decode.tone)
+    return decode_each(predictor, uppers, [(with_weights(predictor, weights), options) for weights in grid], batch_size)[0]
 
 
 def choose_decode(
