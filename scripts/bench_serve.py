@@ -11,6 +11,11 @@ client (one thread per connection, in this process, which is not the server's).
     .venv/bin/python scripts/bench_serve.py --model models/RUN --connections 8 --duration 20
     .venv/bin/python scripts/bench_serve.py --server-args="--workers 2"     # (use = : the value starts with -)
     .venv/bin/python scripts/bench_serve.py --url http://127.0.0.1:8000   # an already running server
+    .venv/bin/python scripts/bench_serve.py --studio                       # body with pins {"0": "秋"} and alternatives 5
+    .venv/bin/python scripts/bench_serve.py --pin 0=秋 --pin 3=明 --alternatives 8 --direction up
+
+The request body is {"upper": --upper, "top_k": --top-k} plus, when given, "direction", "pins" (--pin POS=CHAR,
+repeatable), "head" and "alternatives" (issue 18's studio fields; plain requests are batched, these are not).
 
 Output (one JSON object): requests, errors, duration_s, rps, p50_ms, p90_ms, p99_ms, max_ms, client, ...
 Every run is bounded: --duration caps the measured time, --max-requests caps the count (raw client),
@@ -321,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=("auto", "wrk", "raw"), default="auto")
     ap.add_argument("--upper", default=DEFAULT_UPPER)
     ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--pin", action="append", default=[], metavar="POS=CHAR", help='a pin in the body ("pins": {"POS": "CHAR"}); repeatable')
+    ap.add_argument("--head", help='"head" in the body (藏头)')
+    ap.add_argument("--alternatives", type=int, default=0, help='"alternatives" in the body (0: left out)')
+    ap.add_argument("--direction", choices=("down", "up"), default="down", help='"direction" in the body (down: left out)')
+    ap.add_argument("--studio", action="store_true", help="issue 18's benchmark body: --pin 0=秋 --alternatives 5 (unless given)")
     ap.add_argument("--vocab-size", type=int, default=6000)
     ap.add_argument("--embed-dim", type=int, default=128)
     ap.add_argument("--n-blocks", type=int, default=6)
@@ -334,7 +344,26 @@ def main(argv: list[str] | None = None) -> int:
     if client == "wrk" and not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install -y wrk), use --client raw")
 
-    body = json.dumps({"upper": args.upper, "top_k": args.top_k}, ensure_ascii=False).encode("utf-8")
+    if args.studio:
+        args.pin = args.pin or ["0=秋"]
+        args.alternatives = args.alternatives or 5
+    fields: dict = {"upper": args.upper, "top_k": args.top_k}
+    if args.direction != "down":
+        fields["direction"] = args.direction
+    pins = {}
+    for raw in args.pin:
+        pos, sep, ch = raw.partition("=")
+        if not sep or not pos.isdigit() or len(ch) != 1:
+            raise SystemExit(f"--pin {raw!r}: expected POS=CHAR")
+        pins[pos] = ch
+    if pins:
+        fields["pins"] = pins
+    if args.head:
+        fields["head"] = args.head
+    if args.alternatives:
+        fields["alternatives"] = args.alternatives
+    body = json.dumps(fields, ensure_ascii=False).encode("utf-8")
+    must_have = args.upper + "".join(pins.values()) + (args.head or "")
     proc = None
     tmp = None
     try:
@@ -347,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_desc = str(model_dir)
             else:
                 tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
-                model_dir = make_random_model(Path(tmp.name) / "random-seed-sized", args.vocab_size, args.embed_dim, args.n_blocks, must_have=args.upper, kind=args.kind)
+                model_dir = make_random_model(Path(tmp.name) / "random-seed-sized", args.vocab_size, args.embed_dim, args.n_blocks, must_have=must_have, kind=args.kind)
                 model_desc = f"random init {args.kind}, vocab {args.vocab_size}, embed {args.embed_dim}, {args.n_blocks} blocks"
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -368,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             connections=args.connections,
             upper=args.upper,
             top_k=args.top_k,
+            body=fields,
             model=model_desc,
             model_id=health.get("model"),
             server_args=args.server_args,

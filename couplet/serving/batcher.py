@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 from typing import Any
 
@@ -19,7 +20,7 @@ class MicroBatcher:
     call costs little more than answering one (docs/serving.md). Requests are queued from the event loop;
     the thread takes whatever has queued while it was busy (no waiting to fill a batch, so an idle server
     answers at once), groups it by decoding options and direction and calls `predictor.match_batch`. Requests with
-    pins or alternatives (per line, so not batched) are then answered one by one with `predictor.match`. Results
+    pins or alternatives share the model call the same way, then are decoded one by one with their own pins. Results
     go back to the event loop with `call_soon_threadsafe`. Only this thread touches the predictor.
     """
 
@@ -44,8 +45,8 @@ class MicroBatcher:
         pins: dict[int, str] | None = None,
         alternatives: int = 0,
     ) -> asyncio.Future:
-        """Queue one request. Plain ones (no pins, no alternatives) are answered in batches; the others one by
-        one with `predictor.match`, on the same thread (pins and alternatives are per line)."""
+        """Queue one request. Plain ones (no pins, no alternatives) are answered in batches by `match_batch`; the
+        others share the model call, then are decoded one by one with their pins (`_answer_studio`)."""
         fut = loop.create_future()
         studio = (pins, alternatives) if pins or alternatives else None
         with self._cv:
@@ -100,13 +101,45 @@ class MicroBatcher:
                 except Exception as exc:  # a failure of the whole call fails each of its requests
                     outcomes = [(exc, True)] * len(items)
                 self._send(items, outcomes)
-            for item in singles:
+            if singles:
+                self._answer_studio(singles)
+
+    def _answer_studio(self, items: list) -> None:
+        """Requests with pins or alternatives: equal-length lines of one (top_k, constrained, tone, direction) share
+        one model call (`predictor.log_probs`); each is then decoded with its own pins (`predictor.answer`), as
+        `predictor.match` does. A predictor without those methods answers each with `match`."""
+        p = self.predictor
+        if not all(hasattr(p, name) for name in ("prepare", "log_probs", "answer", "decode_options")):
+            for item in items:
                 (top_k, constrained, tone, direction), (pins, alternatives) = item[3], item[4]
                 try:
-                    value = self.predictor.match(
-                        item[2], top_k=top_k, constrained=constrained, tone=tone, direction=direction, pins=pins, alternatives=alternatives
-                    )
-                    outcome = (value, False)
+                    outcome = (p.match(item[2], top_k=top_k, constrained=constrained, tone=tone, direction=direction,
+                                       pins=pins, alternatives=alternatives), False)
+                except Exception as exc:
+                    outcome = (exc, True)
+                self._send([item], [outcome])
+            return
+        groups: dict[tuple, list] = {}
+        for item in items:
+            try:
+                text = p.prepare(item[2])
+            except Exception as exc:
+                self._send([item], [(exc, True)])
+                continue
+            groups.setdefault((item[3], len(text)), []).append((item, text))
+        for ((top_k, constrained, tone, direction), _), group in groups.items():
+            try:
+                lp = p.log_probs([text for _, text in group], direction=direction)
+                options = p.decode_options(constrained, tone)
+                if direction == "up":  # as Predictor.match: the tone rule mirrored
+                    options = dataclasses.replace(options, mirror=True)
+            except Exception as exc:  # e.g. "up" on a one-direction model: each request gets the error
+                self._send([item for item, _ in group], [(exc, True)] * len(group))
+                continue
+            for row, (item, text) in enumerate(group):
+                pins, alternatives = item[4]
+                try:
+                    outcome = (p.answer(text, lp[row], top_k, options, pins=pins, alternatives=alternatives), False)
                 except Exception as exc:
                     outcome = (exc, True)
                 self._send([item], [outcome])
