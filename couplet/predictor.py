@@ -234,6 +234,8 @@ class Predictor:
         """Decode a prepared line from its (L, V) log-probabilities as this predictor's `decoding` says, with no
         blocked word, the `pins` (position -> character, couplet.decoding.studio) and, per position of the best line,
         up to `alternatives` other characters. An impossible pin or request is an InputError."""
+        if self.blocklist is not None and self.blocklist.single_chars:  # masked like a rule; a blocked pin is refused
+            options = dataclass_replace(options, banned=options.banned | self.blocklist.single_chars)
         try:
             pinned, given_way = check_pins(upper, dict(pins or {}), self.vocab, options)
             res = search(upper, log_probs, self.vocab, self.decoding, top_k=top_k, options=pinned, blocklist=self.blocklist)

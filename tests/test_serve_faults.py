@@ -247,8 +247,6 @@ def test_server_still_healthy_after_abuse(client):
     assert client.post("/api/match", json={"upper": UPPER}).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="decoding layer: Predictor.answer does not put the blocklist's one-character words into "
-                   "the options check_pins reads (options.banned), so a blocked pin gives an empty answer instead of a 422")
 def test_a_blocked_pin_is_a_422(tmp_path):
     from modelkit import save_tiny_model
 

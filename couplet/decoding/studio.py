@@ -126,8 +126,10 @@ def alternatives(
             row[[u for u in used if u >= 0]] = -np.inf  # the line's own characters: its other groups', and this one's
         else:
             row[stoi.get(current, UNK)] = -np.inf
-        pool = np.argsort(-row, kind="stable")[: 4 * n + 8]
+        size = min(4 * n + 8, row.size)
+        pool = np.argpartition(-row, size - 1)[:size] if size < row.size else np.arange(row.size)
         pool = pool[np.isfinite(row[pool])]
+        pool = pool[np.argsort(-row[pool], kind="stable")]
         lines = ["".join(itos[int(c)] if group == g else ch for group, ch in zip(plan.group_of, line)) for c in pool]
         keep = [k for k, text in enumerate(lines) if blocklist is None or blocklist.find(text) is None]
         if not keep:
