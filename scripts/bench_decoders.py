@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-rows", type=int, default=0, help="test couplets scored (0: all)")
     parser.add_argument("--outside", type=Path, default=ROOT / "scripts" / "outside", help="folder with in.txt, out.txt")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-baselines", action="store_true", help="score the models only (the baselines depend on the build alone)")
     parser.add_argument("models", nargs="*", help="name=model-folder")
     args = parser.parse_args(argv)
 
@@ -89,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                      "outside": {"ideograph_accuracy": out["ideograph_accuracy"], "bleu": out["bleu"]}, **(extra or {})})
         print(f"{name}: done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
-    score("dictionary", DictionaryBaseline.from_build(args.build_dir))
-    base = PhraseBaseline(memory_for(None), vocab)
-    _, base_grid = choose_decode(base, *valid, BASELINE_GRID)
-    best = max(base_grid, key=lambda r: (round(r["ideograph_accuracy"], 6), r["bleu"]))
-    chosen = (best["phrase_bi"], best["phrase_tri"])
-    score(f"phrase table (bi {chosen[0]:g}, tri {chosen[1]:g})",
-          PhraseBaseline(memory_for(None), vocab, weights=chosen), {"valid_grid": base_grid})
+    if not args.no_baselines:
+        score("dictionary", DictionaryBaseline.from_build(args.build_dir))
+        base = PhraseBaseline(memory_for(None), vocab)
+        _, base_grid = choose_decode(base, *valid, BASELINE_GRID)
+        best = max(base_grid, key=lambda r: (round(r["ideograph_accuracy"], 6), r["bleu"]))
+        chosen = (best["phrase_bi"], best["phrase_tri"])
+        score(f"phrase table (bi {chosen[0]:g}, tri {chosen[1]:g})",
+              PhraseBaseline(memory_for(None), vocab, weights=chosen), {"valid_grid": base_grid})
 
     for name, folder in (m.split("=", 1) for m in args.models):
         folder = Path(folder)
