@@ -145,13 +145,13 @@ def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     for key in ("ideograph_accuracy", "char_accuracy", "exact_match", "bleu", "punct_match", "repetition_match", "tone_rate", "boundary_f1"):
         assert key in metrics
     samples = (model / "samples.md").read_text()
-    assert "晚风摇树树还挺" in samples and "dictionary baseline" in samples
-    # The generated lower lines are a character-for-character mapping of the upper ones: the dictionary
+    assert "晚风摇树树还挺" in samples and "phrase-table baseline" in samples
+    # The generated lower lines are a character-for-character mapping of the upper ones: the phrase-table
     # baseline is perfect there, so this small model cannot beat it and is not promoted automatically.
     baseline = json.loads((model / "metrics.json").read_text())["test_baseline"]
     assert first["baseline"] == baseline and baseline["ideograph_accuracy"] == 1.0
     assert first["beats_baseline"] is False and metrics["beats_baseline"] is False
-    assert not first["promotion"]["promoted"] and "dictionary baseline" in first["promotion"]["reason"]
+    assert not first["promotion"]["promoted"] and "phrase-table baseline" in first["promotion"]["reason"]
     assert json.loads((home / "models" / "registry.json").read_text())["champion"] is None
 
     # A home without the runs record (written before it existed) goes through Prefect, which records the run ...
@@ -167,7 +167,7 @@ def test_run_until_evaluate_then_match(home, prefect_home, tarball):
     assert reused_flow_run(run) == recorded_flow_run(home, "evaluate", json.loads((model / "evaluation.json").read_text())["key"])
     assert run.stdout.count("\n") == 1  # stdout: only the JSON line
     human = couplet_run(home, prefect_home, "--source", str(tarball), "--until", "evaluate", *small)
-    assert "does not beat the dictionary baseline" in human.stdout and REUSED in human.stdout.splitlines()[-1]
+    assert "does not beat the phrase-table baseline" in human.stdout and REUSED in human.stdout.splitlines()[-1]
     assert_checks_each_stage(home, tarball, small)
 
     env = {**os.environ, "COUPLET_HOME": str(home)}

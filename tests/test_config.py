@@ -147,6 +147,7 @@ def test_configs_seed_yaml_is_the_seed_recipe_whatever_the_defaults():
     assert seed.decode.lm_weight == 0.0
     assert (m.directions, t.swapped_pairs) == (1, False)  # one direction, the dataset's pairs only
     assert m.output == "full"  # the seed's softmax over the whole vocabulary
+    assert Config().model.output == "adaptive"  # the default since issue 20's runs
 
 
 @pytest.mark.parametrize(

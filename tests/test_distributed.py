@@ -221,7 +221,8 @@ def test_a_killed_rank_fails_the_run_in_one_line_and_a_rerun_resumes(build, tmp_
 @pytest.mark.integration
 def test_an_interrupt_stops_every_rank_and_rank_0_writes_the_last_checkpoint(build, tmp_path):
     # Ctrl-C in the process that called train_labeller: a process of its own, whose SIGINT handler the test sets
-    config = replace(with_nproc(small_config(max_steps=100_000, lr_schedule="constant"), 2), "train", checkpoint_every=10_000)
+    config = replace(with_nproc(small_config(max_steps=100_000, lr_schedule="constant"), 2), "train", checkpoint_every=10_000,
+                     swapped_pairs=False)  # 4 steps an epoch
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     caller = subprocess.Popen(
         [sys.executable, "-c", "import signal, sys; from pathlib import Path; from couplet.core.config import load_config; "

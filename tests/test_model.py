@@ -197,7 +197,7 @@ def test_refine_kind_labels_every_position_and_its_eval_loss_is_the_final_pass()
     from couplet.modelling.model import RefiningLabeller, build_labeller
 
     torch.manual_seed(0)
-    model = build_labeller(50, SMALL.model_copy(update={"kind": "refine", "refine_blocks": 2}))
+    model = build_labeller(50, SMALL.model_copy(update={"kind": "refine", "refine_blocks": 2, "output": "full"}))
     assert isinstance(model, RefiningLabeller) and len(model.refine_blocks) == 2
     ids, targets = torch.randint(2, 50, (3, 7)), torch.randint(2, 50, (3, 7))
     assert model(ids)[0].shape == (3, 7, 50) and model.log_probs(ids).shape == (3, 7, 50)

@@ -128,7 +128,7 @@ def test_save_load_round_trip_answers_identically(tmp_path, kind):
 
 def test_a_folder_written_before_the_field_loads_as_full(tmp_path):
     vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
-    config = Config(model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2))
+    config = Config(model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, output="full"))  # what it wrote then
     torch.manual_seed(0)
     model = build_labeller(len(vocab), config.model).eval()
     save_labeller(model, vocab, config, tmp_path / "m")

@@ -250,7 +250,7 @@ def test_ema_decay_warms_up_to_its_setting():
 
 def test_refine_kind_with_cosine_and_ema_trains_resumes_and_loads(build, tmp_path):
     config = replace(small_config(max_steps=12, eval_every=4, patience=100, lr_schedule="cosine", warmup_steps=3,
-                                  ema_decay=0.9), "model", kind="refine", refine_blocks=1)
+                                  ema_decay=0.9), "model", kind="refine", refine_blocks=1, output="full")
     full = train_labeller(build, config, tmp_path / "full", progress=False)
     with pytest.raises(TrainingInterrupted):
         train_labeller(build, config, tmp_path / "cut", progress=False, stop_after=7)  # last checkpoint: step 5

@@ -104,7 +104,8 @@ class ModelConfig(_Section):
     # (Grave et al. 2017) over the frequency-sorted vocabulary: a head softmax over the most frequent ids plus one
     # entry per tail cluster, each cluster a smaller softmax behind its own projection; exact log-probabilities,
     # cheaper training on CPU (docs/benchmarks.md "Output layer")
-    output: Literal["full", "adaptive"] = setting("full", former="full")
+    # default adaptive: the lowest valid loss of issue 20's 45-minute runs (docs/benchmarks.md "Quality levers")
+    output: Literal["full", "adaptive"] = setting("adaptive", former="full")
     # (adaptive_cutoffs, adaptive_div: their former values are this default's, so an old checkpoint's fingerprint,
     # which lacks them, still matches; they mean nothing with output=full)
     # adaptive only: where the head and each tail cluster end, as shares of the vocabulary size (increasing, in
@@ -180,6 +181,8 @@ class DecodeConfig(_Section):
     # score += phrase_uni * sum log p(lower char | upper char) + phrase_bi * (the same for aligned bigrams) +
     # phrase_tri * (trigrams); evaluate picks them on the valid split (evaluate.tune_decode) and records them in
     # decode.json. A folder written before the fields existed answers without the memory
+    # 0 until evaluate chooses them (a trained, unevaluated folder answers without the memory); valid chose 0/0.5/0.5
+    # for the default model (docs/benchmarks.md "Quality levers")
     phrase_uni: float = setting(0.0, former=0.0, ge=0)
     phrase_bi: float = setting(0.0, former=0.0, ge=0)
     phrase_tri: float = setting(0.0, former=0.0, ge=0)

@@ -156,6 +156,13 @@ class PhraseMemory:
             tables[n] = NgramTable.from_sorted(upper[kept], lower[kept], counts[kept], vocab_size**n)
         return cls(vocab_size, tables)
 
+    @classmethod
+    def count_build(cls, build_dir: str | Path, vocab_size: int) -> "PhraseMemory":
+        """The memory of a build's train split (all of it, every length; ids of the build's vocabulary)."""
+        from couplet.data.batches import load_split  # its shard reader: only counting needs it
+
+        return cls.fit(load_split(build_dir, "train"), vocab_size)
+
     # ------------------------------------------------------------------ scoring
 
     def unigram_rows(self, upper_ids: np.ndarray) -> np.ndarray:

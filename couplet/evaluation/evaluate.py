@@ -236,20 +236,20 @@ def evaluate_key(train_key: str, config: Config) -> str:
 def _tuned_decode(folder: Path, build_dir: Path, config: Config) -> tuple[Config, dict]:
     """The decode section evaluate scores (and the folder answers with from now on): config's, with the phrase weights
     chosen on the valid split when `evaluate.tune_decode`; and what the choice saw (rows, the baseline's weights)."""
+    from couplet.data.vocab import Vocab
+    from couplet.decoding.phrases import PhraseMemory
     from couplet.evaluation.baseline import PhraseBaseline
     from couplet.evaluation.tuning import BASELINE_GRID, PHRASE_GRID, choose_decode, sample_rows
-    from couplet.modelling.train import fit_phrase_memory  # torch: not for key look-ups
 
-    if not (folder / MODEL_FILES.phrases).is_file():  # a folder trained before the memory existed
-        fit_phrase_memory(build_dir, folder)
+    if not (folder / MODEL_FILES.phrases).is_file():  # a folder trained before the memory existed: count it now
+        vocab_size = len(Vocab.load(folder / MODEL_FILES.vocab))
+        PhraseMemory.count_build(build_dir, vocab_size).save(folder / MODEL_FILES.phrases)
     tuning: dict = {"tuned": False, "baseline_weights": [1.0, 0.5]}
     if not config.evaluate.tune_decode:
         return config, tuning
     uppers, references = sample_rows(*read_split_text(build_dir, "valid"), config.evaluate.tune_rows, config.train.seed)
     if not uppers:
         return config, tuning
-    from couplet.decoding.phrases import PhraseMemory
-
     atomic_write_json(folder / MODEL_FILES.decode, config.decode.model_dump())  # not an earlier evaluation's choice
     predictor = Predictor.load(folder)
     memory = PhraseMemory.load(folder / MODEL_FILES.phrases, vocab_size=len(predictor.vocab))

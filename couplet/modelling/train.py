@@ -48,11 +48,9 @@ def fit_lower_line_lm(build_dir: Path, model_dir: Path) -> None:
 def fit_phrase_memory(build_dir: Path, model_dir: Path) -> dict:
     """The aligned phrase memory of the build's train split, for decode.phrase_*: model_dir/phrases.parquet.
     Returns its sizes (entries per order, MB in memory)."""
-    from couplet.data.batches import load_split
     from couplet.decoding.phrases import PhraseMemory
 
-    vocab = Vocab.load(model_dir / MODEL_FILES.vocab)
-    memory = PhraseMemory.fit(load_split(build_dir, "train"), len(vocab))
+    memory = PhraseMemory.count_build(build_dir, len(Vocab.load(model_dir / MODEL_FILES.vocab)))
     memory.save(model_dir / MODEL_FILES.phrases)
     return memory.describe()
 
