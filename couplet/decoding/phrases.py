@@ -96,7 +96,7 @@ class NgramTable:
 
     def row(self, upper_code: int) -> tuple[int, int, float]:
         """(start, stop, total) of an upper code's entries; an unseen code gives an empty range and total 0."""
-        j = int(np.searchsorted(self.up_keys, upper_code))
+        j = int(np.searchsorted(self.up_keys, self.up_keys.dtype.type(upper_code)))  # same dtype: no copy of the keys
         if j == len(self.up_keys) or self.up_keys[j] != upper_code:
             return 0, 0, 0.0
         return int(self.starts[j]), int(self.starts[j + 1]), float(self.totals[j])
@@ -106,6 +106,7 @@ class NgramTable:
         if stop == start:
             return np.zeros(lower.shape)
         keys = self.low_keys[start:stop]
+        lower = lower.astype(keys.dtype, copy=False)  # codes fit the keys' dtype (< V^n)
         pos = np.minimum(np.searchsorted(keys, lower), stop - start - 1)
         return np.where(keys[pos] == lower, self.counts[start:stop][pos], 0).astype(np.float64)
 
