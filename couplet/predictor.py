@@ -145,10 +145,7 @@ class Predictor:
         model, vocab, config = load_labeller(path, device=device)
         decoding = read_decode_settings(path, config.decode, len(vocab))
         config = config.model_copy(update={"decode": decoding.config})
-        extra = [Blocklist.load(p) for p in (decoding.config.blocklist, blocklist) if p]
-        default = Blocklist.for_settings(decoding.config.default_blocklist)
-        lists = ([default] if default else []) + extra
-        words = Blocklist([w for b in lists for w in b.words], ", ".join(b.source for b in lists)) if lists else None
+        words = Blocklist.for_settings(decoding.config.default_blocklist, decoding.config.blocklist, blocklist)
         return cls(model, vocab, config, model_id=path.resolve().name, device=device, decoding=decoding, blocklist=words)
 
     @property

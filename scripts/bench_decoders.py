@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from couplet.core.catalog import MODEL_FILES
-    from couplet.data.batches import load_split
     from couplet.data.build import read_build_vocab, read_split_text
     from couplet.decoding.phrases import PhraseMemory
     from couplet.decoding.settings import DecodeSettings
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if folder is not None and (folder / MODEL_FILES.phrases).is_file():
             return PhraseMemory.load(folder / MODEL_FILES.phrases, vocab_size=len(vocab))
         if built_memory is None:
-            built_memory = PhraseMemory.fit(load_split(args.build_dir, "train"), len(vocab))
+            built_memory = PhraseMemory.count_build(args.build_dir, len(vocab))
         return built_memory
 
     rows: list[dict] = []

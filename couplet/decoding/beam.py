@@ -192,23 +192,23 @@ def _line_scores(lines: Sequence[str], lp: np.ndarray, vocab: Vocab, couplings: 
 
 def fold_unigrams(upper: str, lp: np.ndarray, vocab: Vocab, phrases: PhraseMemory | None, weight: float) -> np.ndarray:
     """`lp` + weight · log p1(lower char | upper char) of the phrase memory (float32), or `lp` when there is none."""
-    if phrases is None or weight <= 0:
-        return lp
-    upper_ids = np.array([vocab.stoi.get(ch, UNK) for ch in upper], dtype=np.int64)
-    return (lp + weight * phrases.unigram_rows(upper_ids)).astype(np.float32)
+    return _fusion(upper, lp, vocab, None, 0.0, phrases, (weight, 0.0, 0.0))[0]
 
 
 def _fusion(upper: str, lp: np.ndarray, vocab: Vocab, lm: CharBigramLM | None, lm_weight: float,
             phrases: PhraseMemory | None, phrase_weights: tuple[float, float, float]) -> tuple[np.ndarray, list[Coupling]]:
     """The rows with the phrase unigrams added, and the coupling terms, of one line."""
     uni, bi, tri = phrase_weights if phrases is not None else (0.0, 0.0, 0.0)
-    lp = fold_unigrams(upper, lp, vocab, phrases, uni)
     couplings: list[Coupling] = []
     if lm is not None and lm_weight > 0:
         couplings.append(LMCoupling(lm, lm_weight))
-    if phrases is not None and (bi > 0 or tri > 0):
+    if uni > 0 or bi > 0 or tri > 0:  # the unigram rows, once: added to the model's and the windows' back-off
         upper_ids = np.array([vocab.stoi.get(ch, UNK) for ch in upper], dtype=np.int64)
-        couplings.append(PhraseCoupling(phrases.line(upper_ids), {2: bi, 3: tri}))
+        rows = phrases.unigram_rows(upper_ids)
+        if uni > 0:
+            lp = (lp + uni * rows).astype(np.float32)
+        if bi > 0 or tri > 0:
+            couplings.append(PhraseCoupling(phrases.line(upper_ids, rows), {2: bi, 3: tri}))
     return lp, couplings
 
 

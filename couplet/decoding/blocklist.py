@@ -53,9 +53,10 @@ class Blocklist:
         return cls.load(DEFAULT_BLOCKLIST)
 
     @classmethod
-    def for_settings(cls, use_default: bool, extra: str | Path | None = None) -> "Blocklist | None":
-        """The default list (when `use_default`) plus the words of `extra` (a path); None when neither is asked for."""
-        lists = ([cls.default()] if use_default else []) + ([cls.load(extra)] if extra else [])
+    def for_settings(cls, use_default: bool, *extra: str | Path | None) -> "Blocklist | None":
+        """The default list (when `use_default`) plus the words of each `extra` path given (None: skipped); None when
+        no list is asked for."""
+        lists = ([cls.default()] if use_default else []) + [cls.load(path) for path in extra if path]
         if not lists:
             return None
         return cls([w for b in lists for w in b.words], source=", ".join(b.source for b in lists))

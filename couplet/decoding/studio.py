@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from couplet.data.punct import is_ideograph, is_punct
-from couplet.data.vocab import PAD, UNK, Vocab
+from couplet.data.vocab import UNK, Vocab
 from couplet.decoding.constraints import (
     PING,
     ZE,
@@ -115,13 +115,13 @@ def alternatives(
     stoi, itos = tables.stoi, tables.itos
     group_char = {g: line[i] for i, g in enumerate(plan.group_of)}
     used = {stoi.get(ch, -1) for ch in group_char.values()}
-    per_group: dict[int, list[tuple[str, float]]] = {}
+    offered: dict[int, list[str]] = {}  # group -> the characters whose lines are scored
+    lines: list[str] = []
     for g, current in group_char.items():
+        offered[g] = []
         if g in plan.fixed:
-            per_group[g] = []
             continue
-        row = plan.scores[g].copy()
-        row[[PAD, UNK]] = -np.inf
+        row = plan.scores[g].copy()  # PAD/UNK and every rule already masked
         if plan.distinct:
             row[[u for u in used if u >= 0]] = -np.inf  # the line's own characters: its other groups', and this one's
         else:
@@ -129,15 +129,16 @@ def alternatives(
         size = min(4 * n + 8, row.size)
         pool = np.argpartition(-row, size - 1)[:size] if size < row.size else np.arange(row.size)
         pool = pool[np.isfinite(row[pool])]
-        pool = pool[np.argsort(-row[pool], kind="stable")]
-        lines = ["".join(itos[int(c)] if group == g else ch for group, ch in zip(plan.group_of, line)) for c in pool]
-        keep = [k for k, text in enumerate(lines) if blocklist is None or blocklist.find(text) is None]
-        if not keep:
-            per_group[g] = []
-            continue
-        scores = line_scores(upper, [lines[k] for k in keep], lp, vocab, settings)
-        ranked = sorted(zip((itos[int(pool[k])] for k in keep), scores.tolist()), key=lambda item: -item[1])
-        per_group[g] = ranked[:n]
+        for c in pool[np.argsort(-row[pool], kind="stable")].tolist():
+            text = "".join(itos[c] if group == g else ch for group, ch in zip(plan.group_of, line))
+            if blocklist is None or blocklist.find(text) is None:
+                offered[g].append(itos[c])
+                lines.append(text)
+    scores = line_scores(upper, lines, lp, vocab, settings).tolist()  # every group's lines in one call
+    per_group, start = {}, 0
+    for g, chars in offered.items():
+        per_group[g] = sorted(zip(chars, scores[start : start + len(chars)]), key=lambda item: -item[1])[:n]
+        start += len(chars)
     return [per_group[g] for g in plan.group_of]
 
 
