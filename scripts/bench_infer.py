@@ -55,7 +55,6 @@ def main() -> None:
 
     import torch
 
-    from couplet.decoding.decode import DecodeOptions, decode
     from couplet.predictor import Predictor
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +64,7 @@ def main() -> None:
     singles = _lines(predictor.vocab, args.n, args.length, rng)
     lengths = [5, 6, 7, 7, 7, 8, 9, 10, 11, 12]
     batch = [line for n in lengths for line in _lines(predictor.vocab, args.batch_lines // len(lengths), n, rng)]
-    options = DecodeOptions.from_flags(True, args.tone)
+    options = predictor.decode_options(True, args.tone)  # the folder's rules (no_reuse as it says)
     report = {
         "model": str(model_dir) if args.model else f"random-init seed-size (embed 128, 6 blocks, vocab {len(predictor.vocab)})",
         "torch": torch.__version__,
@@ -86,7 +85,7 @@ def main() -> None:
         lps = predictor.log_probs(singles[:200])
         for line, lp in zip(singles[:200], lps):
             t0 = time.perf_counter()
-            decode(line, lp, predictor.vocab, top_k=args.top_k, options=options)
+            predictor.answer(line, lp, args.top_k, options)  # the folder's search: exact, or fused as decode.json says
             dec.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
         predictor.match_batch(batch, top_k=args.top_k, tone=args.tone)
