@@ -18,7 +18,6 @@ repetition, same-position copies). Prints Markdown; `--out` writes every row (an
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from couplet.decoding.settings import DecodeSettings
     from couplet.evaluation.baseline import DictionaryBaseline, PhraseBaseline
     from couplet.evaluation.evaluate import evaluate_pairs, read_pair_files
-    from couplet.evaluation.tuning import BASELINE_GRID, PHRASE_GRID, choose_decode, sample_rows, with_weights
+    from couplet.evaluation.tuning import BASELINE_GRID, PHRASE_GRID, choose_decode, sample_rows, with_decode, with_weights
     from couplet.predictor import Predictor
 
     torch.set_num_threads(1)
@@ -92,24 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_baselines:
         score("dictionary", DictionaryBaseline.from_build(args.build_dir))
         base = PhraseBaseline(memory_for(None), vocab)
-        _, base_grid = choose_decode(base, *valid, BASELINE_GRID)
-        best = max(base_grid, key=lambda r: (round(r["ideograph_accuracy"], 6), r["bleu"]))
-        chosen = (best["phrase_bi"], best["phrase_tri"])
+        base_chosen, base_grid = choose_decode(base, *valid, BASELINE_GRID)
+        chosen = (base_chosen.phrase_bi, base_chosen.phrase_tri)
         score(f"phrase table (bi {chosen[0]:g}, tri {chosen[1]:g})",
               PhraseBaseline(memory_for(None), vocab, weights=chosen), {"valid_grid": base_grid})
 
     for name, folder in (m.split("=", 1) for m in args.models):
         folder = Path(folder)
         predictor = Predictor.load(folder, num_threads=1)
-
-        def answering(phrases=None, **decode):
-            other = copy.copy(predictor)
-            other.decoding = DecodeSettings(predictor.decoding.config.model_copy(update=decode), None, phrases)
-            return other
-
-        score(f"{name}, reuse allowed", answering(no_reuse=False, lm_weight=0.0, phrase_uni=0.0, phrase_bi=0.0, phrase_tri=0.0))
-        score(f"{name}", answering(no_reuse=True, lm_weight=0.0, phrase_uni=0.0, phrase_bi=0.0, phrase_tri=0.0))
-        fused = answering(memory_for(folder), no_reuse=True, lm_weight=0.0)
+        predictor.decoding = DecodeSettings(predictor.decoding.config)  # no LM; the memory only where asked below
+        off = {"lm_weight": 0.0, "phrase_uni": 0.0, "phrase_bi": 0.0, "phrase_tri": 0.0}
+        score(f"{name}, reuse allowed", with_decode(predictor, no_reuse=False, **off))
+        score(f"{name}", with_decode(predictor, no_reuse=True, **off))
+        fused = with_decode(predictor, memory_for(folder), no_reuse=True, lm_weight=0.0)
         decode_config, grid = choose_decode(fused, *valid, PHRASE_GRID)
         weights = (decode_config.phrase_uni, decode_config.phrase_bi, decode_config.phrase_tri)
         score(f"{name} + phrases ({weights[0]:g}/{weights[1]:g}/{weights[2]:g})", with_weights(fused, weights),

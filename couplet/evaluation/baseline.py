@@ -109,6 +109,7 @@ class DictionaryBaseline(Predictor):
 
 
 PHRASE_BASELINE_ID = "phrase-baseline"
+PHRASE_BASELINE_WEIGHTS = (1.0, 0.5)  # bigrams, trigrams: the baseline's when nothing was chosen on valid
 
 
 class PhraseBaseline(Predictor):
@@ -116,7 +117,8 @@ class PhraseBaseline(Predictor):
     trigrams fused in by the same beam search as a model's (decode.phrase_bi / phrase_tri; phrase_uni stays 0, the
     rows being the unigrams already). The floor a model must beat (promotion, the run summary)."""
 
-    def __init__(self, memory, vocab: Vocab, config: Config | None = None, weights: tuple[float, float] = (1.0, 0.5)):
+    def __init__(self, memory, vocab: Vocab, config: Config | None = None,
+                 weights: tuple[float, float] = PHRASE_BASELINE_WEIGHTS):
         from couplet.decoding.settings import DecodeSettings
 
         super().__init__(None, vocab, config, model_id=PHRASE_BASELINE_ID)

@@ -238,13 +238,13 @@ def _tuned_decode(folder: Path, build_dir: Path, config: Config) -> tuple[Config
     chosen on the valid split when `evaluate.tune_decode`; and what the choice saw (rows, the baseline's weights)."""
     from couplet.data.vocab import Vocab
     from couplet.decoding.phrases import PhraseMemory
-    from couplet.evaluation.baseline import PhraseBaseline
+    from couplet.evaluation.baseline import PHRASE_BASELINE_WEIGHTS, PhraseBaseline
     from couplet.evaluation.tuning import BASELINE_GRID, PHRASE_GRID, choose_decode, sample_rows
 
     if not (folder / MODEL_FILES.phrases).is_file():  # a folder trained before the memory existed: count it now
         vocab_size = len(Vocab.load(folder / MODEL_FILES.vocab))
         PhraseMemory.count_build(build_dir, vocab_size).save(folder / MODEL_FILES.phrases)
-    tuning: dict = {"tuned": False, "baseline_weights": [1.0, 0.5]}
+    tuning: dict = {"tuned": False, "baseline_weights": list(PHRASE_BASELINE_WEIGHTS)}
     if not config.evaluate.tune_decode:
         return config, tuning
     uppers, references = sample_rows(*read_split_text(build_dir, "valid"), config.evaluate.tune_rows, config.train.seed)
@@ -256,10 +256,9 @@ def _tuned_decode(folder: Path, build_dir: Path, config: Config) -> tuple[Config
     predictor.decoding = replace(predictor.decoding, phrases=memory)  # every grid point uses it, whatever config says
     chosen, rows = choose_decode(predictor, uppers, references, PHRASE_GRID)
     base = PhraseBaseline(memory, predictor.vocab, predictor.config)
-    _, base_rows = choose_decode(base, uppers, references, BASELINE_GRID)
-    best_base = max(base_rows, key=lambda r: (round(r["ideograph_accuracy"], 6), r["bleu"]))
+    base_chosen, base_rows = choose_decode(base, uppers, references, BASELINE_GRID)
     tuning = {"tuned": True, "n_valid": len(uppers), "grid": rows, "baseline_grid": base_rows,
-              "baseline_weights": [best_base["phrase_bi"], best_base["phrase_tri"]],
+              "baseline_weights": [base_chosen.phrase_bi, base_chosen.phrase_tri],
               "chosen": {key: getattr(chosen, key) for key in ("phrase_uni", "phrase_bi", "phrase_tri")}}
     return config.model_copy(update={"decode": chosen}), tuning
 

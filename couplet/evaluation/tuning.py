@@ -21,7 +21,7 @@ from couplet.decoding.constraints import DecodeOptions
 from couplet.evaluation.metrics import corpus_bleu, ideograph_hits
 from couplet.predictor import InputError, Predictor
 
-__all__ = ["PHRASE_GRID", "BASELINE_GRID", "choose_decode", "decode_each", "sample_rows", "with_weights"]
+__all__ = ["PHRASE_GRID", "BASELINE_GRID", "choose_decode", "decode_each", "sample_rows", "with_decode", "with_weights"]
 
 Weights = tuple[float, float, float]
 PHRASE_GRID: list[Weights] = [(u, b, t) for u in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0) for t in (0.0, 0.5)]
@@ -34,13 +34,20 @@ def sample_rows(uppers: Sequence[str], references: Sequence[str], rows: int, see
     return [uppers[i] for i in picked], [references[i] for i in picked]
 
 
+def with_decode(predictor: Predictor, phrases=None, **fields) -> Predictor:
+    """A shallow copy of `predictor` (the same model and vocabulary) answering with these decode fields changed, and
+    with `phrases` as its memory when given (else its own)."""
+    other = copy.copy(predictor)
+    config = predictor.decoding.config.model_copy(update=fields)
+    other.decoding = replace_settings(predictor.decoding, config=config,
+                                      phrases=phrases if phrases is not None else predictor.decoding.phrases)
+    return other
+
+
 def with_weights(predictor: Predictor, weights: Weights) -> Predictor:
     """A shallow copy of `predictor` answering with these phrase weights (the same model, vocabulary and memory)."""
     uni, bi, tri = weights
-    other = copy.copy(predictor)
-    config = predictor.decoding.config.model_copy(update={"phrase_uni": uni, "phrase_bi": bi, "phrase_tri": tri})
-    other.decoding = replace_settings(predictor.decoding, config=config)
-    return other
+    return with_decode(predictor, phrase_uni=uni, phrase_bi=bi, phrase_tri=tri)
 
 
 def decode_each(predictor: Predictor, uppers: Sequence[str], answerers: Sequence[tuple[Predictor, DecodeOptions]],
