@@ -7,8 +7,9 @@ that ended with these outputs in `$COUPLET_HOME/runs.json`. When all of that hol
 report `cached` everywhere, so the CLI prints that summary and names the flow run whose outputs it reuses.
 
 Any doubt goes through the flow instead: a URL source without a pinned `data.sha256` (only a download can
-say whether it changed), a source that is gone, a stage without an intact output for its key (a changed
-parameter or module, a damaged file), a promotion to decide, or no flow run recorded for the outputs.
+say whether it changed) or a URL `data.extra_source`, a source that is gone (the extra one too), a stage without
+an intact output for its key (a changed parameter or module, a damaged file), a promotion to decide, or no flow
+run recorded for the outputs.
 
 `runs.json` is written by the flow (flows/pipeline.py): `{"<stage>/<key>": {"flow_run_id", "flow_run_name",
 "finished"}}` for each stage output a successful flow run ended with, the newest `RUNS_KEPT` entries.
@@ -28,6 +29,7 @@ from couplet.core.config import Config, DataConfig
 from couplet.core.locks import hold_lock
 from couplet.core.stage import damaged_output, read_stage_manifest
 from couplet.data.build import build_key
+from couplet.data.extra import extra_data_config
 from couplet.data.ingest import ingest_key
 from couplet.data.raw import IngestError, find_layout, is_url, read_raw_manifest, sha256_file, sha256_layout
 from couplet.data.validate import validate_key
@@ -65,10 +67,11 @@ def nothing_changed(config: Config, home: Path, until: str, promote: bool) -> tu
     cached and intact, and the promotion after evaluate was decided before; None otherwise."""
     started = time.perf_counter()
     sha256 = _source_sha256(config.data, home)
-    if sha256 is None:
+    extra_sha256 = _source_sha256(extra_data_config(config.data), home) if config.data.extra_source else None
+    if sha256 is None or (config.data.extra_source and extra_sha256 is None):
         return None
     results: dict[str, dict] = {}
-    for stage, result in _cached_stages(config, home, sha256):
+    for stage, result in _cached_stages(config, home, sha256, extra_sha256):
         if result is None:
             return None
         results[stage] = result
@@ -107,7 +110,7 @@ def _source_sha256(cfg: DataConfig, home: Path) -> str | None:
     return sha256
 
 
-def _cached_stages(config: Config, home: Path, sha256: str) -> Iterator[tuple[str, dict | None]]:
+def _cached_stages(config: Config, home: Path, sha256: str, extra_sha256: str | None = None) -> Iterator[tuple[str, dict | None]]:
     """(stage, its result as the flow returns it when cached, or None) in the order of STAGES; keys and
     folders as each `run_<stage>` makes them, paths resolved as it hands them back. The caller stops at None."""
     catalog = Catalog(home)
@@ -117,7 +120,7 @@ def _cached_stages(config: Config, home: Path, sha256: str) -> Iterator[tuple[st
     if validated and validated.get("data_docs_page"):
         validated["data_docs_page"] = catalog.uri(validated["data_docs_page"])
     yield "validate", validated
-    built = _cached(catalog, "build", build_key(validated["key"], config.data), ("build_dir",))
+    built = _cached(catalog, "build", build_key(validated["key"], config.data, extra_sha256), ("build_dir",))
     yield "build", built
     trained_key = train_key(built["key"], config)
     model_dir = catalog.model_dir(train_run_id(built["dataset_version"], trained_key))

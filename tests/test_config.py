@@ -179,7 +179,7 @@ def test_former_defaults_fill_only_what_an_old_config_json_lacks():
     assert filled["model"] == {"kind": "gated_cnn", "directions": 1, "output": "full", "adaptive_cutoffs": (0.125, 0.33),
                                "adaptive_div": 1.0, "embed_dim": 16}
     assert filled["train"] == {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": 0.9, "max_minutes": None,
-                               "swapped_pairs": False}
+                               "swapped_pairs": False, "extra_share": 0.0}
     assert filled["decode"] == {"no_reuse": False, "lm_weight": 0.0, "phrase_uni": 0.0, "phrase_bi": 0.0, "phrase_tri": 0.0,
                                 "default_blocklist": False, "block_input": False} and filled["vocab_size"] == 50
     assert "data" not in filled and old["model"] == {"embed_dim": 16}  # no section invented, the input untouched

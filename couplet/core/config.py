@@ -76,6 +76,10 @@ class DataConfig(_Section):
     min_count: int = 2  # characters seen fewer times in train map to UNK (the seed uses 2)
     timeout_s: float = 30.0  # HTTP connect/read timeout
     retries: int = 3  # HTTP attempts before giving up
+    # a second dataset in the same layout (URL, .tar.gz or directory) whose train split is added to training as the
+    # build's `extra` shards, down-weighted by train.extra_share (couplet/data/extra.py); valid, test and the
+    # vocabulary stay the primary source's. None: off
+    extra_source: str | None = setting(None, former=None)
 
 
 # the labeller kinds, each a class in couplet/modelling/model.py (LABELLERS)
@@ -165,6 +169,9 @@ class TrainConfig(_Section):
     # rows per epoch, one model for both directions; needs model.directions=2 (checked where training starts).
     # Validation stays on the valid split's upper -> lower direction
     swapped_pairs: bool = setting(True, former=False)
+    # with a build that has extra shards (data.extra_source): the share of each epoch's training rows drawn from them,
+    # a fresh sample every epoch (the primary train split is seen once per epoch); 0 ignores them
+    extra_share: float = setting(0.3, former=0.0, ge=0, lt=1)
 
 
 class DecodeConfig(_Section):

@@ -79,11 +79,22 @@ class LengthBucketBatches:
     Iterating yields the rest of the current epoch as (up, down) int64 tensors of shape (batch_size, L) and
     then moves to the next epoch; from `with_swaps` buckets, (up, down, direction) with direction (batch_size,),
     a batch mixing directions. `state_dict()` / `load_state_dict()` give exact resume: (epoch, position).
+
+    `extra` (the build's extra split, data.extra_source; the same columns as `buckets`) with `extra_share` > 0: each
+    epoch also draws a fresh random sample of the extra rows, the same fraction of every length's, sized so that they
+    are `extra_share` of the epoch's rows (at most all of them); they mix into the same length's batches.
     """
 
-    def __init__(self, buckets: Buckets | DirectedBuckets, batch_size: int, seed: int = 0):
+    def __init__(self, buckets: Buckets | DirectedBuckets, batch_size: int, seed: int = 0,
+                 extra: Buckets | DirectedBuckets | None = None, extra_share: float = 0.0):
         if not buckets:
             raise ValueError("no couplets to batch (empty split, or every line longer than max_len)")
+        self.primary_rows = {length: len(columns[0]) for length, columns in buckets.items()}
+        self.extra_fraction = 0.0  # of each length's extra rows drawn per epoch
+        if extra and extra_share > 0:
+            self.extra_fraction = min(1.0, extra_share / (1 - extra_share) * count_rows(buckets) / count_rows(extra))
+            buckets = {length: tuple(np.concatenate(parts) for parts in zip(*(b[length] for b in (buckets, extra) if length in b)))
+                       for length in sorted(set(buckets) | set(extra))}
         self.buckets = {length: tuple(torch.from_numpy(c) for c in columns) for length, columns in buckets.items()}
         self.batch_size = batch_size
         self.seed = seed
@@ -91,17 +102,33 @@ class LengthBucketBatches:
         self.position = 0  # batches of the current epoch already handed out
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(columns[0]) / self.batch_size) for columns in self.buckets.values())
+        return sum(math.ceil(self._pool_size(length) / self.batch_size) for length in self.buckets)
+
+    def _pool_size(self, length: int) -> int:
+        """Rows of this length in each epoch: the primary ones and the extra sample."""
+        primary = self.primary_rows.get(length, 0)
+        return primary + round(self.extra_fraction * (len(self.buckets[length][0]) - primary))
+
+    def _pool(self, length: int, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's rows of this length: every primary row (first in the bucket), then the extra sample."""
+        n, primary = len(self.buckets[length][0]), self.primary_rows.get(length, 0)
+        if primary == n:  # no extra rows of this length: draws nothing, so plans without extra rows are as before
+            return np.arange(n)
+        sample = np.sort(rng.permutation(n - primary)[:self._pool_size(length) - primary])
+        return np.concatenate([np.arange(primary), primary + sample])
 
     def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """The epoch's batches as (length, row indices); depends only on (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
-        for length, columns in sorted(self.buckets.items()):
-            n = len(columns[0])
+        for length in sorted(self.buckets):
+            pool = self._pool(length, rng)
+            n = len(pool)
+            if not n:
+                continue
             n_batches = math.ceil(n / self.batch_size)
             need = n_batches * self.batch_size
-            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
+            order = np.concatenate([pool[rng.permutation(n)] for _ in range(math.ceil(need / n))])[:need]
             batches += [(length, idx) for idx in order.reshape(n_batches, self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 

@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from couplet.core.catalog import BUILD_FILES, Catalog
 from couplet.core.config import DataConfig
 from couplet.core.stage import file_sha256, read_stage_manifest, run_cached, stage_key
+from couplet.data.extra import fetch_extra, write_extra_shards
+from couplet.data.raw import RawDataset
 from couplet.data.streaming import HashSpill, RowGroupWriter, parquet_rows, read_batches
 from couplet.data.vocab import Vocab
 
@@ -45,8 +47,11 @@ def _map(partitions: Partitions | None, fn: Callable[..., Any], calls: list[tupl
     return partitions(fn, calls) if partitions is not None else [fn(*call) for call in calls]
 
 
-def build_key(validate_key: str, cfg: DataConfig) -> str:
-    return stage_key("build", validate_key, cfg.min_count, cfg.valid_fraction)
+def build_key(validate_key: str, cfg: DataConfig, extra_sha256: str | None = None) -> str:
+    """The build's cache key; with an extra source (data.extra_source, couplet/data/extra.py) also its sha256 and
+    the max_len its pairs are filtered with (without one, the key is as before the extra source existed)."""
+    extra = () if extra_sha256 is None else (extra_sha256, cfg.max_len)
+    return stage_key("build", validate_key, cfg.min_count, cfg.valid_fraction, *extra)
 
 
 FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
@@ -193,11 +198,13 @@ def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False,
     `partitions` runs the partitions (see `Partitions` and the three rounds above); the vocabulary is
     merged and every file written here, into the stage's temporary folder.
     """
-    key = build_key(validated["key"], cfg)
+    extra = fetch_extra(cfg, home)  # None without data.extra_source; its sha256 is part of the key
+    key = build_key(validated["key"], cfg, extra.sha256 if extra else None)
     catalog = Catalog(home)
     out_dir = catalog.stage_dir("build", key)
     validated = catalog.resolved(validated, ("passed_path",))
-    result = run_cached("build", key, out_dir, lambda folder: _build_into(folder, catalog.relative(out_dir), validated, cfg, partitions),
+    result = run_cached("build", key, out_dir,
+                        lambda folder: _build_into(folder, catalog.relative(out_dir), validated, cfg, partitions, extra),
                         force=force)
     return catalog.resolved(result, ("build_dir",))  # recorded relative to the home; the caller gets it under the current home
 
@@ -214,7 +221,8 @@ def _windowed(partitions: Partitions | None, fn: Callable[..., Any], calls: Iter
         yield from zip(window, _map(partitions, fn, window))
 
 
-def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfig, partitions: Partitions | None = None) -> dict:
+def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfig, partitions: Partitions | None = None,
+                extra: RawDataset | None = None) -> dict:
     """Dedupe, split, build the vocabulary and write one shard per split and length into `folder`, reading
     passed.parquet a batch at a time; memory holds a few batches, one hash bucket and the vocabulary."""
     passed_path = validated["passed_path"]
@@ -273,9 +281,10 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
             shards.append({"split": split, "length": length, "rows": n, "path": rel, "sha256": file_sha256(folder / rel)})
             counts[split] += n
             lengths[split][str(length)] = n
+        added = _add_extra(folder, extra, vocab, shards, cfg)
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
-    return {
+    manifest = {
         "dataset_version": validated["dataset_version"],
         "validate_key": validated["key"],
         "vocab_size": len(vocab),
@@ -288,6 +297,25 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
         "params": {"min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction},
         "build_dir": recorded_dir,  # relative to the home
     }
+    if added:  # the extra split (data.extra_source): its shards and rows, and what was kept and dropped
+        manifest["shards"] += added["shards"]
+        manifest["counts"]["extra"], manifest["lengths"]["extra"], manifest["unk_in_upper"]["extra"] = added["rows"], added["lengths"], 0
+        manifest["extra"] = added["summary"]
+    return manifest
+
+
+def _add_extra(folder: Path, extra: RawDataset | None, vocab: Vocab, shards: list[dict], cfg: DataConfig) -> dict | None:
+    """The extra source's shards written into `folder` (couplet/data/extra.py), or None without one."""
+    if extra is None:
+        return None
+
+    def pair_hashes(up: pa.ChunkedArray, down: pa.ChunkedArray, length: int) -> np.ndarray:
+        return pair_hash(*unordered(codepoints(up, length), codepoints(down, length)))
+
+    def encode(rows: pa.Table, length: int) -> pa.Table:
+        return shard_partition(rows, length, vocab)["table"]
+
+    return write_extra_shards(folder, extra, shards, cfg, pair_hashes, encode)
 
 
 def read_build_manifest(build_dir: str | Path) -> dict:

@@ -160,10 +160,20 @@ class Trainer:
         self.valid_split = load_split(build_dir, "valid", tc.max_len)  # validated upper -> lower only, swaps or not
         # with train.swapped_pairs every pair's swap too (direction "up"): twice the batches per epoch
         self.train_buckets = with_swaps(self.train_split) if tc.swapped_pairs else self.train_split
-        self.batches = LengthBucketBatches(self.train_buckets, tc.batch_size, seed=tc.seed)
+        # the build's extra pairs (data.extra_source), train.extra_share of each epoch's rows, swapped like the others
+        extra = load_split(build_dir, "extra", tc.max_len) if tc.extra_share else {}
+        self.extra_buckets = with_swaps(extra) if tc.swapped_pairs else extra
+        self.extra_rows = count_rows(extra)
+        if extra:
+            log.info("extra source: %d pairs, %.0f%% of each epoch's rows", self.extra_rows, 100 * tc.extra_share)
+        self.batches = self._new_batches()
         self.steps_per_epoch = len(self.batches)
         self.total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * self.steps_per_epoch
         self.log_every = max(1, min(100, self.steps_per_epoch // 10))  # train-loss points in the history
+
+    def _new_batches(self) -> LengthBucketBatches:
+        return LengthBucketBatches(self.train_buckets, self.tc.batch_size, seed=self.tc.seed, extra=self.extra_buckets,
+                                   extra_share=self.tc.extra_share)
 
     def _start_or_resume(self) -> None:
         """A fresh model and optimiser (seeded), then the last checkpoint's state when it is this config's."""
@@ -180,7 +190,7 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 — a checkpoint of another layout: start over (it may have been half loaded)
                 log.warning("ignoring %s: cannot resume from it (%s); training from scratch", self.ckpt_path, one_line(exc))
                 self.model, self.optimizer, self.ema = build_model(self.config, len(self.vocab), self.device)
-                self.batches = LengthBucketBatches(self.train_buckets, self.tc.batch_size, seed=self.tc.seed)
+                self.batches = self._new_batches()
                 self.state = TrainState()
         if self.resumed_from is None and self.place.is_main:
             self.samples_path.unlink(missing_ok=True)
@@ -345,6 +355,7 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "train_rows": count_rows(self.train_split),
             "valid_rows": count_rows(self.valid_split),
+            "extra_rows": self.extra_rows,  # the build's extra pairs that training draws from (0: none, or extra_share 0)
             "vocab_size": len(self.vocab),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "build_key": self.manifest.get("key"),
