@@ -8,9 +8,11 @@ ranking hypotheses by
     score = model log-prob + phrase_uni · Σ log p1 + lm_weight · LM log-prob + phrase_bi · Σ log p2 + phrase_tri · Σ log p3.
 
 The unigram term is per position, so it is added to the model's rows before the search (with only that term,
-the search stays `decode`'s exact one). Each coupling term (`Coupling`: the LM, the phrase windows) scores the
-characters tried at a position given each hypothesis' earlier characters; the phrase memory also proposes the
-characters its n-grams faced, so a phrase the labeller ranks low can still enter the beam.
+the search stays `decode`'s exact one); so is the part of each bigram and trigram term that splits by position
+(its back-off to unigrams, `LinePhrases`). Each coupling term (`Coupling`: the LM, the rest of the phrase
+windows, which only lower n-grams the memory holds have) scores the characters tried at a position given each
+hypothesis' earlier characters; the phrase memory also proposes the characters its n-grams faced, so a phrase
+the labeller ranks low can still enter the beam.
 
 A hypothesis holds the characters chosen so far and, per repetition group (positions sharing an upper
 character), the group's lower character. Every rule of `decode` (see docs/decoding.md) holds as
@@ -51,25 +53,21 @@ from couplet.decoding.lm import CharBigramLM
 from couplet.decoding.phrases import LinePhrases, PhraseMemory
 from couplet.data.vocab import UNK, Vocab
 
-__all__ = ["beam_decode", "line_scores", "Coupling", "LMCoupling", "PhraseCoupling", "fold_unigrams"]
+__all__ = ["beam_decode", "line_scores", "Coupling", "LMCoupling", "PhraseCoupling", "fused_rows"]
 
 NEG_INF = -np.inf
-
-
-def _top(row: np.ndarray, n: int) -> np.ndarray:
-    """Ids of the row's n best finite entries, best first."""
-    n = min(n, row.size)
-    idx = np.argpartition(-row, n - 1)[:n] if n < row.size else np.arange(row.size)
-    idx = idx[np.isfinite(row[idx])]
-    return idx[np.argsort(-row[idx], kind="stable")]
 
 
 class Coupling(Protocol):
     """A score term that depends on neighbouring lower-line characters (weighted already)."""
 
-    def score(self, i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray:
+    def score(self, i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray | float:
         """(H, C) float64: the term for trying `cand` (C,) at position i after each hypothesis' `history` (H, >= i);
-        with `paired`, `cand` holds one id per hypothesis and the result is (H,)."""
+        with `paired`, `cand` holds one id per hypothesis and the result is (H,); a scalar when it is the same for all."""
+        ...
+
+    def score_lines(self, ids: np.ndarray) -> np.ndarray:
+        """(N,) float64: the term summed over every position of whole lines `ids` (N, L)."""
         ...
 
     def proposals(self, i: int) -> np.ndarray:
@@ -92,35 +90,65 @@ class LMCoupling:
         lp = self.lm.pair_log_probs(np.repeat(prev, cand.size), np.tile(cand, n)).reshape(n, cand.size)
         return np.where(cand[None, :] != UNK, self.weight * lp, 0.0)
 
+    def score_lines(self, ids: np.ndarray) -> np.ndarray:
+        prev = np.concatenate([np.full((ids.shape[0], 1), self.lm.bos, dtype=ids.dtype), ids[:, :-1]], axis=1)
+        lp = self.lm.pair_log_probs(prev.ravel(), ids.ravel()).reshape(ids.shape)
+        return np.where(ids != UNK, self.weight * lp, 0.0).sum(axis=1)
+
     def proposals(self, i: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
 
 
 class PhraseCoupling:
-    """phrase_bi · log p2 + phrase_tri · log p3 of the lower n-grams ending at each position (couplet.decoding.phrases)."""
-
-    PROPOSALS = 8  # most frequent lower n-grams per upper n-gram whose last character is tried
+    """phrase_bi · log p2 + phrase_tri · log p3 of the lower n-grams ending at each position, less the part separable
+    by position (`LinePhrases.with_separable`, which `_fusion` adds to the rows): only n-grams the memory holds score."""
 
     def __init__(self, line: LinePhrases, weights: dict[int, float]) -> None:
         self.line = line
         self.weights = {n: w for n, w in weights.items() if w > 0}
+        self.index = line.bonus_index(self.weights)
 
-    def score(self, i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray:
-        total = np.zeros(history.shape[0] if paired else (history.shape[0], cand.size))
-        for n, weight in self.weights.items():
-            total += weight * self.line.window_log_probs(n, i, history, cand, paired=paired)
-        return total
+    def score(self, i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray | float:
+        return self.index.score(i, history, cand, paired=paired)
+
+    def score_lines(self, ids: np.ndarray) -> np.ndarray:
+        return self.index.score_lines(ids)
 
     def proposals(self, i: int) -> np.ndarray:
-        found = [self.line.proposals(n, i, self.PROPOSALS) for n in self.weights]
+        found = [self.line.proposals(n, i) for n in self.weights]
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
-def _coupled(couplings: Sequence[Coupling], i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray:
-    total = np.zeros(history.shape[0] if paired else (history.shape[0], cand.size))
+def _coupled(couplings: Sequence[Coupling], i: int, history: np.ndarray, cand: np.ndarray, paired: bool = False) -> np.ndarray | float:
+    total: np.ndarray | float = 0.0  # broadcasts against (H, C) or (H,)
     for coupling in couplings:
-        total += coupling.score(i, history, cand, paired)
+        total = total + coupling.score(i, history, cand, paired)
     return total
+
+
+def _candidates(plan: GroupPlan, couplings: Sequence[Coupling], n_best: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each free group's candidate ids and their row scores: its `n_best` by its row, plus what the couplings
+    propose at its first position; finite scores only."""
+    first: dict[int, int] = {}
+    for i, g in enumerate(plan.group_of):
+        first.setdefault(g, i)
+    free = [g for g in first if g not in plan.fixed]
+    if not free:
+        return {}
+    rows = plan.scores[free]
+    size = rows.shape[1]
+    top = np.argpartition(-rows, n_best - 1, axis=1)[:, :n_best] if n_best < size else np.tile(np.arange(size), (len(free), 1))
+    found = {}
+    for r, g in enumerate(free):
+        cand = top[r]
+        extra = [c.proposals(first[g]) for c in couplings]
+        if any(e.size for e in extra):
+            more = np.concatenate(extra)
+            cand = np.unique(np.concatenate([cand, more[(more >= 0) & (more < size)]]))
+        scores = rows[r, cand]
+        finite = np.isfinite(scores)
+        found[g] = (cand[finite], scores[finite])
+    return found
 
 
 def _beam_search(
@@ -129,14 +157,14 @@ def _beam_search(
     """The surviving hypotheses' id rows (H, L) (an out-of-vocabulary copied mark is UNK) and their fused scores (H,),
     best first (none: two empty arrays)."""
     length, n_groups = len(plan.group_of), plan.scores.shape[0]
-    n_candidates = beam_size + n_groups  # other groups use at most n_groups - 1 of them
+    none = np.zeros((0, length), dtype=np.int64), np.zeros(0)
+    candidates = _candidates(plan, couplings, beam_size + n_groups)  # other groups use at most n_groups - 1 of them
     ids = np.zeros((1, length), dtype=np.int64)
     group_char = np.full((1, n_groups), -1, dtype=np.int64)
     total = np.zeros(1)
     for i, g in enumerate(plan.group_of):
-        n = ids.shape[0]
         if g in plan.fixed:  # a copied mark: the same character for every hypothesis
-            chosen = np.full(n, stoi.get(plan.fixed[g], UNK), dtype=np.int64)
+            chosen = np.full(ids.shape[0], stoi.get(plan.fixed[g], UNK), dtype=np.int64)
             total = total + (lp[i, chosen[0]] if chosen[0] != UNK else 0.0)
             if couplings:
                 total = total + _coupled(couplings, i, ids, chosen, paired=True)
@@ -145,26 +173,19 @@ def _beam_search(
             if couplings:
                 total = total + _coupled(couplings, i, ids, chosen, paired=True)
         else:  # a new group: the beam_size best (hypothesis, candidate) expansions
-            row = plan.scores[g]
-            cand = _top(row, n_candidates)
-            extra = [c.proposals(i) for c in couplings]
-            if any(e.size for e in extra):
-                more = np.concatenate(extra)
-                more = more[(more >= 0) & (more < row.size)]
-                more = more[np.isfinite(row[more])]
-                cand = np.unique(np.concatenate([cand, more]))
+            cand, row = candidates[g]
             if cand.size == 0:
-                return np.zeros((0, length), dtype=np.int64), np.zeros(0)
-            expanded = total[:, None] + row[cand][None, :]
+                return none
+            expanded = total[:, None] + row[None, :]
             if couplings:
-                expanded += _coupled(couplings, i, ids, cand)
-            if plan.distinct:
-                expanded[(cand[None, :, None] == group_char[:, None, :]).any(axis=2)] = NEG_INF
+                expanded = expanded + _coupled(couplings, i, ids, cand)
+            if plan.distinct and g:  # groups are numbered in order of appearance: those before g are chosen
+                expanded[(cand[None, :, None] == group_char[:, None, :g]).any(axis=2)] = NEG_INF
             flat = expanded.ravel()
-            keep = min(beam_size, int(np.isfinite(flat).sum()))
-            if keep == 0:
-                return np.zeros((0, length), dtype=np.int64), np.zeros(0)
-            best = _top(flat, keep)
+            best = np.argsort(-flat, kind="stable")[:beam_size]
+            best = best[np.isfinite(flat[best])]  # -inf sorts last
+            if best.size == 0:
+                return none
             parent, j = np.divmod(best, cand.size)
             chosen = cand[j]
             ids, group_char = ids[parent], group_char[parent]
@@ -185,19 +206,21 @@ def _line_scores(lines: Sequence[str], lp: np.ndarray, vocab: Vocab, couplings: 
     ids = np.array([[vocab.stoi.get(ch, UNK) for ch in line] for line in lines], dtype=np.int64).reshape(len(lines), -1)
     known = ids != UNK
     model = np.where(known, lp[np.arange(ids.shape[1])[None, :], ids].astype(np.float64), 0.0).sum(axis=1)
-    for i in range(ids.shape[1]):
-        model += _coupled(couplings, i, ids, ids[:, i], paired=True)
+    for coupling in couplings:
+        model += coupling.score_lines(ids)
     return model
 
 
-def fold_unigrams(upper: str, lp: np.ndarray, vocab: Vocab, phrases: PhraseMemory | None, weight: float) -> np.ndarray:
-    """`lp` + weight · log p1(lower char | upper char) of the phrase memory (float32), or `lp` when there is none."""
-    return _fusion(upper, lp, vocab, None, 0.0, phrases, (weight, 0.0, 0.0))[0]
+def fused_rows(upper: str, lp: np.ndarray, vocab: Vocab, phrases: PhraseMemory | None,
+               phrase_weights: tuple[float, float, float]) -> np.ndarray:
+    """The rows the fused search ranks characters by: `lp` plus every phrase term separable by position (the
+    unigrams, and the bigrams' and trigrams' back-off parts; `lp` itself when nothing is fused)."""
+    return _fusion(upper, lp, vocab, None, 0.0, phrases, phrase_weights)[0]
 
 
 def _fusion(upper: str, lp: np.ndarray, vocab: Vocab, lm: CharBigramLM | None, lm_weight: float,
             phrases: PhraseMemory | None, phrase_weights: tuple[float, float, float]) -> tuple[np.ndarray, list[Coupling]]:
-    """The rows with the phrase unigrams added, and the coupling terms, of one line."""
+    """The rows with the phrase terms separable by position added, and the coupling terms, of one line."""
     uni, bi, tri = phrase_weights if phrases is not None else (0.0, 0.0, 0.0)
     couplings: list[Coupling] = []
     if lm is not None and lm_weight > 0:
@@ -205,10 +228,12 @@ def _fusion(upper: str, lp: np.ndarray, vocab: Vocab, lm: CharBigramLM | None, l
     if uni > 0 or bi > 0 or tri > 0:  # the unigram rows, once: added to the model's and the windows' back-off
         upper_ids = np.array([vocab.stoi.get(ch, UNK) for ch in upper], dtype=np.int64)
         rows = phrases.unigram_rows(upper_ids)
-        if uni > 0:
-            lp = (lp + uni * rows).astype(np.float32)
         if bi > 0 or tri > 0:
-            couplings.append(PhraseCoupling(phrases.line(upper_ids, rows), {2: bi, 3: tri}))
+            line = phrases.line(upper_ids, rows)
+            lp = line.with_separable(lp, {1: uni, 2: bi, 3: tri})  # float64: the beam sums in float64
+            couplings.append(PhraseCoupling(line, {2: bi, 3: tri}))
+        else:
+            lp = (lp + uni * rows).astype(np.float32)
     return lp, couplings
 
 

@@ -8,6 +8,7 @@ generalises; the memory remembers, and the two are fused in decoding (couplet.de
     memory.save(model_dir / "phrases.parquet"); PhraseMemory.load(path, vocab_size=V)
     memory.unigram_rows(upper_ids)                     # (L, V) log p1(lower char | upper char)
     memory.line(upper_ids).window_log_probs(n, i, history, cand)   # log p_n of the n-grams ending at position i
+                                                                   # (couplet.decoding.phrase_lines: the search's view)
 
 Probabilities, with q the lower characters' frequency in the aligned counts (add-one smoothed; PAD/UNK 0):
 
@@ -36,13 +37,16 @@ import pyarrow.parquet as pq
 
 from couplet.core.atomic import atomic_path
 from couplet.data.vocab import PAD, UNK
+from couplet.decoding.phrase_lines import LinePhrases, Window
 
-__all__ = ["PhraseMemory", "LinePhrases", "ORDERS"]
+__all__ = ["PhraseMemory", "ORDERS", "PROPOSALS"]
 
 ORDERS = (1, 2, 3)
 _FORMAT = "1"
 _BETA = 1.0
 _CACHE_ROWS = 2048  # cached unigram rows: 32 KB each at V = 8 000
+_CACHE_WINDOWS = 8192  # cached upper n-grams' split scores: a few hundred entries each, most far fewer
+PROPOSALS = 8  # most frequent lower n-grams per upper n-gram whose last character a search tries
 _RETRAIN = "retrain (couplet run --force train) or restore the file"
 _SCHEMA = pa.schema([("n", pa.int8()), ("upper", pa.int64()), ("lower", pa.int64()), ("count", pa.int32())])
 
@@ -126,6 +130,8 @@ class PhraseMemory:
         with np.errstate(divide="ignore"):
             self._log_prior = np.log(self.prior).astype(np.float32)
         self._unigram_row = lru_cache(maxsize=_CACHE_ROWS)(self._compute_unigram_row)
+        self.window = lru_cache(maxsize=_CACHE_WINDOWS)(self._compute_window)
+        self.powers = {n: self.vocab_size ** np.arange(n - 1, -1, -1, dtype=np.int64) for n in ORDERS}  # an n-gram's code
 
     # ------------------------------------------------------------------ fitting
 
@@ -183,6 +189,23 @@ class PhraseMemory:
                 row = np.log(probs / (total + _BETA)).astype(np.float32)
         row.flags.writeable = False  # shared by the cache
         return row
+
+    def _compute_window(self, n: int, upper_code: int) -> "Window":
+        """The split score of one upper n-gram (`Window`, `LinePhrases`); cached as `window(n, upper_code)`."""
+        table = self.tables[n]
+        start, stop, total = table.row(upper_code)
+        keys, counts = table.low_keys[start:stop].astype(np.int64), table.counts[start:stop]  # int64: offsets are added
+        size, backoff, lowers = self.vocab_size, np.zeros(stop - start), keys
+        for _ in range(n):  # b = Π p1 of each lower n-gram, digit by digit (last first)
+            upper_code, u = divmod(upper_code, size)
+            lowers, low = np.divmod(lowers, size)
+            backoff += self._unigram_row(u)[low]
+        bonus = np.logaddexp(0.0, np.log(counts) - backoff - np.log(_BETA))
+        top = np.argsort(-counts, kind="stable")[:PROPOSALS]
+        proposals = np.unique(keys[top] % size)
+        for array in (keys, bonus, proposals):
+            array.flags.writeable = False  # shared by the cache
+        return Window(float(np.log(_BETA) - np.log(total + _BETA)), keys, bonus, proposals)
 
     def line(self, upper_ids: np.ndarray, unigram_rows: np.ndarray | None = None) -> "LinePhrases":
         """The memory's view of one upper line (ids), for scoring lower-line windows during a search."""
@@ -249,66 +272,3 @@ def _read_tables(path: Path) -> tuple[int, dict[int, NgramTable]]:
             raise ValueError(f"order {order}: codes out of range or unsorted")
         tables[order] = NgramTable.from_sorted(upper, lower, columns["count"][rows], size**order)
     return size, tables
-
-
-class LinePhrases:
-    """One upper line's windows: the n-gram scores of lower-line hypotheses as a search fills positions."""
-
-    def __init__(self, memory: PhraseMemory, upper_ids: np.ndarray, unigram_rows: np.ndarray | None) -> None:
-        self.memory = memory
-        self.upper_ids = upper_ids
-        self.uni = (unigram_rows if unigram_rows is not None else memory.unigram_rows(upper_ids)).astype(np.float64)
-        self._rows: dict[tuple[int, int], tuple[int, int, float]] = {}
-
-    def _row(self, n: int, i: int) -> tuple[int, int, float] | None:
-        """The table row of the upper n-gram ending at position i (None when it holds PAD/UNK or starts before 0)."""
-        if i - n + 1 < 0:
-            return None
-        key = (n, i)
-        if key not in self._rows:
-            window = self.upper_ids[i - n + 1 : i + 1]
-            if np.any(window <= UNK):
-                self._rows[key] = None  # type: ignore[assignment]
-            else:
-                code = 0
-                for u in window.tolist():
-                    code = code * self.memory.vocab_size + u
-                self._rows[key] = self.memory.tables[n].row(code)
-        return self._rows[key]
-
-    def window_log_probs(self, n: int, i: int, history: np.ndarray, cand: np.ndarray, *, paired: bool = False) -> np.ndarray:
-        """log p_n of the lower n-grams ending at position i. `history` (H, >= i) holds the hypotheses' ids before i;
-        `cand` (C,) the ids tried at i after every hypothesis -> (H, C), or with `paired` one id per hypothesis
-        (C = H) -> (H,). 0 where the upper or lower window holds PAD/UNK."""
-        row = self._row(n, i)
-        shape = (history.shape[0],) if paired else (history.shape[0], cand.shape[0])
-        if row is None:
-            return np.zeros(shape)
-        start, stop, total = row
-        size = self.memory.vocab_size
-        window = history[:, i - n + 1 : i]  # (H, n - 1)
-        prefix = np.zeros(history.shape[0], dtype=np.int64)
-        for k in range(n - 1):
-            prefix = prefix * size + window[:, k]
-        backoff = self.uni[np.arange(i - n + 1, i), window].sum(axis=1)  # (H,)
-        known = (window > UNK).all(axis=1)
-        if paired:
-            lower, backoff, known = prefix * size + cand, backoff + self.uni[i, cand], known & (cand > UNK)
-        else:
-            lower = (prefix * size)[:, None] + cand[None, :]
-            backoff = backoff[:, None] + self.uni[i, cand][None, :]
-            known = known[:, None] & (cand > UNK)[None, :]
-        seen = self.memory.tables[n].lookup(start, stop, lower)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scores = np.log(seen + _BETA * np.exp(backoff)) - np.log(total + _BETA)
-        return np.where(known, scores, 0.0)
-
-    def proposals(self, n: int, i: int, limit: int) -> np.ndarray:
-        """The last characters of the `limit` most frequent lower n-grams facing the upper n-gram ending at i."""
-        row = self._row(n, i)
-        if row is None or row[1] == row[0]:
-            return np.zeros(0, dtype=np.int64)
-        start, stop, _ = row
-        table = self.memory.tables[n]
-        best = np.argsort(-table.counts[start:stop], kind="stable")[:limit]
-        return np.unique(table.low_keys[start:stop][best] % self.memory.vocab_size)

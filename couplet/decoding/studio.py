@@ -143,7 +143,7 @@ def alternatives(
 
 
 def settings_rows(upper: str, lp: np.ndarray, vocab: Vocab, settings: "DecodeSettings") -> np.ndarray:
-    """The rows the search ranks characters by: the model's, plus the phrase unigrams when the settings fuse them."""
-    from couplet.decoding.beam import fold_unigrams
+    """The rows the search ranks characters by: the model's, plus the phrase terms separable by position when the settings fuse them."""
+    from couplet.decoding.beam import fused_rows
 
-    return fold_unigrams(upper, lp[: len(upper)], vocab, settings.phrases, settings.phrase_weights[0])
+    return fused_rows(upper, lp[: len(upper)], vocab, settings.phrases, settings.phrase_weights)
