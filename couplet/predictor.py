@@ -205,10 +205,11 @@ class Predictor:
         ids = torch.tensor([[stoi.get(ch, UNK) for ch in line] for line in lines], dtype=torch.long)
         with torch.inference_mode():
             ids = ids.to(self.device) if self.device != "cpu" else ids
+            extra = _word_tags(self.model, lines, ids.device)  # {"tags": (B, L)} with model.word_features, else {}
             if direction == "up":  # the direction marker's row 1, every line
-                out = self.model.log_probs(ids, direction=torch.ones(len(lines), dtype=torch.long, device=ids.device))
+                out = self.model.log_probs(ids, direction=torch.ones(len(lines), dtype=torch.long, device=ids.device), **extra)
             else:
-                out = self.model.log_probs(ids)
+                out = self.model.log_probs(ids, **extra)
             out = out.float()
             if out.device.type != "cpu":
                 out = out.cpu()
@@ -315,6 +316,18 @@ class Predictor:
                 for row, (i, text) in enumerate(chunk):
                     results[i] = self.answer(text, lp[row], top_k, opts)
         return results  # type: ignore[return-value]
+
+
+def _word_tags(model, lines: Sequence[str], device) -> dict:
+    """The lines' word tags for a model with model.word_features ({"tags": (B, L) tensor}, computed from the lines
+    as the build computed them for training), else {}."""
+    if not getattr(getattr(model, "cfg", None), "word_features", False):
+        return {}
+    import torch
+
+    from couplet.data.wordtags import tag_matrix
+
+    return {"tags": torch.from_numpy(tag_matrix(lines, cached=True)).to(device)}
 
 
 def _check_top_k(top_k: int) -> None:

@@ -177,7 +177,7 @@ def test_former_defaults_fill_only_what_an_old_config_json_lacks():
     old = {"model": {"embed_dim": 16}, "train": {"ema_decay": 0.9}, "decode": {}, "vocab_size": 50}
     filled = with_former_defaults(old)
     assert filled["model"] == {"kind": "gated_cnn", "directions": 1, "output": "full", "adaptive_cutoffs": (0.125, 0.33),
-                               "adaptive_div": 1.0, "embed_dim": 16}
+                               "adaptive_div": 1.0, "word_features": False, "embed_dim": 16}
     assert filled["train"] == {"lr_schedule": "constant", "warmup_steps": 0, "ema_decay": 0.9, "max_minutes": None,
                                "swapped_pairs": False, "extra_share": 0.0}
     assert filled["decode"] == {"no_reuse": False, "lm_weight": 0.0, "phrase_uni": 0.0, "phrase_bi": 0.0, "phrase_tri": 0.0,

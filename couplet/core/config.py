@@ -80,6 +80,9 @@ class DataConfig(_Section):
     # build's `extra` shards, down-weighted by train.extra_share (couplet/data/extra.py); valid, test and the
     # vocabulary stay the primary source's. None: off
     extra_source: str | None = setting(None, former=None)
+    # store each line's jieba word tags in the build's shards (couplet/data/wordtags.py; the build of poetry-couplets'
+    # 242k pairs took 21 s instead of 3), which model.word_features reads
+    word_tags: bool = setting(False, former=False)
 
 
 # the labeller kinds, each a class in couplet/modelling/model.py (LABELLERS)
@@ -118,6 +121,11 @@ class ModelConfig(_Section):
     # adaptive only: tail cluster i projects to embed_dim / adaptive_div**(i + 1) dimensions (torch's div_value);
     # 1 (full width) matched the full layer's valid loss at equal steps, 2 was 0.02 nats worse at 2,000 steps
     adaptive_div: float = setting(1.0, former=1.0, ge=1)
+    # a learnt embedding of each input character's jieba word tag (its place B/M/E/S in its word and the word's
+    # coarse part of speech; punctuation its own tag: couplet/data/wordtags.py) added to the character embedding.
+    # Training reads the build's tags (needs data.word_tags=true; checked where training starts); answering computes
+    # them from the line itself. Off: no such parameter, the state dict as before
+    word_features: bool = setting(False, former=False)
 
     @model_validator(mode="after")
     def _heads_divide_width(self):

@@ -20,6 +20,8 @@ from couplet.data.build import read_build_manifest
 Buckets = dict[int, tuple[np.ndarray, np.ndarray]]  # length -> (up_ids (N, L) int64, down_ids (N, L) int64)
 # with_swaps: length -> (input ids (N, L), target ids (N, L), direction (N,)), all int64
 DirectedBuckets = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+# load_split(..., tags=True) adds (up_tags, down_tags) (N, L) int64 to each length's columns (model.word_features), and
+# with_swaps / one_way then end each length's columns with the input line's tags (N, L)
 DOWN, UP = 0, 1  # directions: upper -> lower (the dataset's), lower -> upper (a swapped pair)
 
 
@@ -31,11 +33,14 @@ def _ids_matrix(column, rows: int, length: int, where: str) -> np.ndarray:
     return flat.astype(np.int64).reshape(rows, length)
 
 
-def load_split(build_dir: str | Path, split: str, max_len: int | None = None) -> Buckets:
+def load_split(build_dir: str | Path, split: str, max_len: int | None = None, tags: bool = False) -> Buckets:
     """All couplets of one split, grouped by length: {length: (up_ids (N, L), down_ids (N, L))}, int64.
 
-    Couplets longer than `max_len` are dropped (the seed trains on lines of at most 16 characters).
+    Couplets longer than `max_len` are dropped (the seed trains on lines of at most 16 characters). `tags`: also
+    each line's word tags, {length: (up_ids, down_ids, up_tags, down_tags)} (`load_tags`).
     """
+    if tags:
+        return load_tags(build_dir, split, max_len)
     build_dir = Path(build_dir)
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for shard in read_build_manifest(build_dir)["shards"]:
@@ -54,6 +59,36 @@ def load_split(build_dir: str | Path, split: str, max_len: int | None = None) ->
     }
 
 
+def load_tags(build_dir: str | Path, split: str, max_len: int | None = None) -> Buckets:
+    """`load_split` with each line's word tags (data.word_tags; couplet/data/wordtags.py) after the ids:
+    {length: (up_ids, down_ids, up_tags, down_tags)}, int64. A shard written without them (one from before the
+    field, or a split the build does not tag) is tagged here from its text, the same way."""
+    from couplet.data.wordtags import tag_matrix
+
+    build_dir = Path(build_dir)
+    ids = load_split(build_dir, split, max_len)
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for shard in read_build_manifest(build_dir)["shards"]:
+        length = int(shard["length"])
+        if shard["split"] != split or length not in ids:
+            continue
+        path = build_dir / shard["path"]
+        if {"up_tags", "down_tags"} <= set(pq.read_schema(path).names):
+            table = pq.read_table(path, columns=["up_tags", "down_tags"])
+            up, down = (_ids_matrix(table.column(c), table.num_rows, length, str(path)) for c in ("up_tags", "down_tags"))
+        else:
+            table = pq.read_table(path, columns=["up", "down"])
+            up, down = (tag_matrix(table.column(c).to_pylist(), length).astype(np.int64) for c in ("up", "down"))
+        if table.num_rows:
+            parts.setdefault(length, []).append((up, down))
+    return {length: (*ids[length], *(np.concatenate(c) for c in zip(*parts[length]))) for length in ids}
+
+
+def one_way(buckets: Buckets) -> DirectedBuckets:
+    """Tagged buckets (`load_tags`) without swaps: (up_ids, down_ids, direction DOWN, up_tags) per length."""
+    return {length: (up, down, np.full(len(up), DOWN, np.int64), up_tags) for length, (up, down, up_tags, _) in buckets.items()}
+
+
 def count_rows(buckets: Buckets | DirectedBuckets) -> int:
     return sum(len(columns[0]) for columns in buckets.values())
 
@@ -62,10 +97,15 @@ def with_swaps(buckets: Buckets) -> DirectedBuckets:
     """Each length's pairs followed by their swaps (lower line in, upper line out), with a direction column:
     DOWN for the pairs, UP for the swaps (train.swapped_pairs)."""
     out = {}
-    for length, (up, down) in buckets.items():
+    for length, (up, down, *tags) in buckets.items():
         direction = np.concatenate([np.full(len(up), DOWN, np.int64), np.full(len(up), UP, np.int64)])
-        out[length] = (np.concatenate([up, down]), np.concatenate([down, up]), direction)
+        out[length] = (np.concatenate([up, down]), np.concatenate([down, up]), direction, *_swapped_tags(tags))
     return out
+
+
+def _swapped_tags(tags: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The input line's tags of with_swaps' rows, from a tagged bucket's (up_tags, down_tags); none untagged."""
+    return (np.concatenate(tags),) if tags else ()
 
 
 class LengthBucketBatches:

@@ -51,7 +51,12 @@ def build_key(validate_key: str, cfg: DataConfig, extra_sha256: str | None = Non
     """The build's cache key; with an extra source (data.extra_source, couplet/data/extra.py) also its sha256 and
     the max_len its pairs are filtered with (without one, the key is as before the extra source existed)."""
     extra = () if extra_sha256 is None else (extra_sha256, cfg.max_len)
-    return stage_key("build", validate_key, cfg.min_count, cfg.valid_fraction, *extra)
+    return stage_key("build", validate_key, cfg.min_count, cfg.valid_fraction, *extra, *_word_tags_key(cfg))
+
+
+def _word_tags_key(cfg: DataConfig) -> tuple:
+    """data.word_tags in the build key when on (off: the key as before the field existed)."""
+    return ("word_tags",) if cfg.word_tags else ()
 
 
 FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
@@ -105,14 +110,28 @@ def vocab_from_counts(group_counts: list[tuple[np.ndarray, np.ndarray]], min_cou
     return Vocab.from_counts(counts, min_count=min_count)
 
 
-def _list_column(ids: np.ndarray) -> pa.ListArray:
+def _list_column(ids: np.ndarray, item: pa.DataType = pa.int32()) -> pa.ListArray:
     n, length = ids.shape
     offsets = pa.array(np.arange(0, (n + 1) * length, length, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.int32()))
+    return pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), item))
 
 
 SHARD_SCHEMA = pa.schema([("up", pa.string()), ("down", pa.string()), ("length", pa.int16()),
                           ("up_ids", pa.list_(pa.int32())), ("down_ids", pa.list_(pa.int32()))])
+
+
+# data.word_tags: each line's jieba word tags per character (couplet/data/wordtags.py), after the ids
+TAG_COLUMNS = (("up_tags", pa.list_(pa.int8())), ("down_tags", pa.list_(pa.int8())))
+TAGGED_SCHEMA = pa.schema([*SHARD_SCHEMA, *(pa.field(name, kind) for name, kind in TAG_COLUMNS)])
+
+
+def with_word_tags(table: pa.Table, length: int) -> pa.Table:
+    """A shard table with its lines' word tags appended (`up_tags`, `down_tags`: list<int8>, one per character)."""
+    from couplet.data.wordtags import tag_matrix
+
+    for (name, _), line in zip(TAG_COLUMNS, ("up", "down")):
+        table = table.append_column(name, _list_column(tag_matrix(table[line].to_pylist(), length), pa.int8()))
+    return table
 
 
 def shard_table(group: pa.Table, length: int, up_ids: np.ndarray, down_ids: np.ndarray) -> pa.Table:
@@ -184,12 +203,13 @@ def split_partition(batch: pa.Table, index: int, valid_fraction: float) -> dict:
     return {"rows": rows, "train_counts": counts}
 
 
-def shard_partition(rows: pa.Table, length: int, vocab: Vocab) -> dict:
-    """Round 3, one batch of a (split, length) shard's rows (`up`, `down`): the shard's columns and the
-    number of unknown characters in the upper lines."""
+def shard_partition(rows: pa.Table, length: int, vocab: Vocab, word_tags: bool = False) -> dict:
+    """Round 3, one batch of a (split, length) shard's rows (`up`, `down`): the shard's columns (with `word_tags`
+    the tag columns too) and the number of unknown characters in the upper lines."""
     up_ids = vocab.encode_codepoints(codepoints(rows["up"], length))
     down_ids = vocab.encode_codepoints(codepoints(rows["down"], length))
-    return {"table": shard_table(rows, length, up_ids, down_ids), "unk": int(np.count_nonzero(up_ids == 1))}
+    table = shard_table(rows, length, up_ids, down_ids)
+    return {"table": with_word_tags(table, length) if word_tags else table, "unk": int(np.count_nonzero(up_ids == 1))}
 
 
 def run_build(validated: dict, cfg: DataConfig, home: Path, force: bool = False, partitions: Partitions | None = None) -> dict:
@@ -271,9 +291,10 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
         for split, length in shards_spilled:
             rel = BUILD_FILES.shard(split, length)
             n = 0
-            with RowGroupWriter(folder / rel, SHARD_SCHEMA, row_group_size=ROW_GROUP, combine=True) as writer:
+            schema = TAGGED_SCHEMA if cfg.word_tags else SHARD_SCHEMA
+            with RowGroupWriter(folder / rel, schema, row_group_size=ROW_GROUP, combine=True) as writer:
                 for batch in by_shard.batches((split, length)):
-                    part = shard_partition(pa.Table.from_batches([batch]), length, vocab)
+                    part = shard_partition(pa.Table.from_batches([batch]), length, vocab, cfg.word_tags)
                     writer.write(part["table"])
                     n += part["table"].num_rows
                     unk[split] += part["unk"]
@@ -294,7 +315,7 @@ def _build_into(folder: Path, recorded_dir: str, validated: dict, cfg: DataConfi
         "lengths": lengths,
         "unk_in_upper": unk,
         "shards": shards,
-        "params": {"min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction},
+        "params": {"min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction, **({"word_tags": True} if cfg.word_tags else {})},
         "build_dir": recorded_dir,  # relative to the home
     }
     if added:  # the extra split (data.extra_source): its shards and rows, and what was kept and dropped
@@ -313,7 +334,7 @@ def _add_extra(folder: Path, extra: RawDataset | None, vocab: Vocab, shards: lis
         return pair_hash(*unordered(codepoints(up, length), codepoints(down, length)))
 
     def encode(rows: pa.Table, length: int) -> pa.Table:
-        return shard_partition(rows, length, vocab)["table"]
+        return shard_partition(rows, length, vocab, cfg.word_tags)["table"]
 
     return write_extra_shards(folder, extra, shards, cfg, pair_hashes, encode)
 

@@ -43,7 +43,8 @@ references are under `references`, so a reader sees what real couplets score):
   classes / upper words. jieba runs without its HMM (whose tag Viterbi cost ~1.6 ms per unknown run:
   10 s instead of 0.4 s per 4,000 lines); unknown runs fall apart into dictionary characters. Tags are
   cached per string for the process, so scoring the model and each baseline on the same upper lines
-  segments them once.
+  segments them once. `pos_words` and `pos_class` are couplet/data/wordtags.py's, which the labeller's word
+  features (model.word_features) read too.
 Lines whose lengths differ fail every positional structure check.
 
 Limits. Tones are the modern Mandarin reading (pypinyin's default reading of the character alone):
@@ -56,25 +57,12 @@ systems on the same lines rather than judge one line.
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 from typing import Sequence
 
 from couplet.decoding.constraints import PING, ZE, char_tone, final_position
 from couplet.data.punct import is_ideograph, is_punct
-
-_JIEBA = None
-
-
-def _jieba():
-    global _JIEBA
-    if _JIEBA is None:
-        import jieba
-
-        jieba.setLogLevel(logging.WARNING)
-        jieba.initialize()
-        _JIEBA = jieba
-    return _JIEBA
+from couplet.data.wordtags import jieba_module, pos_class, pos_words, posseg_module
 
 
 def word_boundaries(line: str, cache: dict[str, frozenset[int]] | None = None) -> frozenset[int]:
@@ -83,7 +71,7 @@ def word_boundaries(line: str, cache: dict[str, frozenset[int]] | None = None) -
         return cache[line]
     offsets = []
     pos = 0
-    for word in _jieba().cut(line, HMM=True):
+    for word in jieba_module().cut(line, HMM=True):
         pos += len(word)
         offsets.append(pos)
     result = frozenset(offsets[:-1])
@@ -92,57 +80,11 @@ def word_boundaries(line: str, cache: dict[str, frozenset[int]] | None = None) -
     return result
 
 
-_POSSEG = None
-
-
-def _posseg():
-    global _POSSEG
-    if _POSSEG is None:
-        _jieba()
-        import jieba.posseg
-
-        _POSSEG = jieba.posseg
-    return _POSSEG
-
-
-NOUN, VERB, ADJ, ADV, NUM, PRON, OTHER = "noun", "verb", "adj", "adv", "num", "pron", "other"
-
-
-def pos_class(tag: str) -> str:
-    """Coarse class of a jieba (ICTCLAS-style) part-of-speech tag."""
-    head = tag[:1]
-    if head == "n" or tag in ("t", "s", "f", "tg"):
-        return NOUN
-    if head == "v":
-        return VERB
-    if head == "a":
-        return ADJ
-    if tag == "d":
-        return ADV
-    if head == "m" or tag == "q":
-        return NUM
-    if head == "r":
-        return PRON
-    return OTHER
-
-
-@lru_cache(maxsize=1 << 17)
-def pos_words(line: str) -> tuple[tuple[int, int, str], ...]:
-    """(start, end, tag) of each word of `line` under jieba.posseg (cached per line)."""
-    out = []
-    pos = 0
-    for pair in _posseg().cut(line, HMM=False):
-        end = pos + len(pair.word)
-        out.append((pos, end, pair.flag))
-        pos = end
-    return tuple(out)
-
-
 @lru_cache(maxsize=1 << 17)
 def span_tag(text: str) -> str:
     """One jieba tag for `text` read as one string: its dictionary tag if it is a dictionary word,
     else the tag of the longest word jieba cuts it into (the last on a tie)."""
-    ps = _posseg()
+    ps = posseg_module()
     tag = ps.dt.word_tag_tab.get(text)
     if tag is not None:
         return tag

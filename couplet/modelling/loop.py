@@ -31,7 +31,7 @@ import torch
 from couplet.core.atomic import atomic_write_json
 from couplet.core.catalog import MODEL_FILES, PROBE_LINES
 from couplet.core.config import Config, ConfigError
-from couplet.data.batches import LengthBucketBatches, count_rows, load_split, with_swaps
+from couplet.data.batches import LengthBucketBatches, count_rows, load_split, one_way, with_swaps
 from couplet.data.build import read_build_manifest, read_build_vocab
 from couplet.modelling.checkpoint import TrainState, load_checkpoint, one_line, restore, run_fingerprint, save_checkpoint
 from couplet.modelling.model import save_labeller
@@ -156,13 +156,14 @@ class Trainer:
         tc = self.tc
         self.manifest = read_build_manifest(build_dir)
         self.vocab = read_build_vocab(build_dir)
-        self.train_split = load_split(build_dir, "train", tc.max_len)
-        self.valid_split = load_split(build_dir, "valid", tc.max_len)  # validated upper -> lower only, swaps or not
+        tags = self._word_tags()
+        self.train_split = load_split(build_dir, "train", tc.max_len, tags)
+        self.valid_split = load_split(build_dir, "valid", tc.max_len, tags)  # validated upper -> lower only, swaps or not
         # with train.swapped_pairs every pair's swap too (direction "up"): twice the batches per epoch
-        self.train_buckets = with_swaps(self.train_split) if tc.swapped_pairs else self.train_split
+        self.train_buckets = with_swaps(self.train_split) if tc.swapped_pairs else self._one_way(self.train_split)
         # the build's extra pairs (data.extra_source), train.extra_share of each epoch's rows, swapped like the others
-        extra = load_split(build_dir, "extra", tc.max_len) if tc.extra_share else {}
-        self.extra_buckets = with_swaps(extra) if tc.swapped_pairs else extra
+        extra = load_split(build_dir, "extra", tc.max_len, tags) if tc.extra_share else {}
+        self.extra_buckets = with_swaps(extra) if tc.swapped_pairs else self._one_way(extra)
         self.extra_rows = count_rows(extra)
         if extra:
             log.info("extra source: %d pairs, %.0f%% of each epoch's rows", self.extra_rows, 100 * tc.extra_share)
@@ -170,6 +171,19 @@ class Trainer:
         self.steps_per_epoch = len(self.batches)
         self.total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * self.steps_per_epoch
         self.log_every = max(1, min(100, self.steps_per_epoch // 10))  # train-loss points in the history
+
+    def _word_tags(self) -> bool:
+        """Whether batches carry the input line's word tags (model.word_features); the build must have stored them."""
+        if not self.config.model.word_features:
+            return False
+        if not self.manifest.get("params", {}).get("word_tags"):
+            raise ConfigError("model.word_features=true reads the build's word tags, and this build has none: "
+                              "set data.word_tags=true too")
+        return True
+
+    def _one_way(self, buckets):
+        """Without swaps: tagged buckets get a direction column (all "down") before their tags, as with_swaps' have."""
+        return one_way(buckets) if self.config.model.word_features else buckets
 
     def _new_batches(self) -> LengthBucketBatches:
         return LengthBucketBatches(self.train_buckets, self.tc.batch_size, seed=self.tc.seed, extra=self.extra_buckets,
@@ -220,7 +234,7 @@ class Trainer:
     def _train_epoch(self, stop_after: int | None) -> None:
         """Steps to the epoch's end (then its validation and probe lines) or until the run is finished."""
         tick = time.perf_counter()  # a step's time includes fetching its batch
-        for batch in self.batches:  # (up, down) or, with swapped pairs, (up, down, direction)
+        for batch in self.batches:  # (up, down), with swapped pairs (up, down, direction), with word tags (.., direction, tags)
             loss = self._step(*batch)
             self.step_seconds += time.perf_counter() - tick
             self._after_step(loss, stop_after)
@@ -232,12 +246,13 @@ class Trainer:
 
     def _step(self, *batch: torch.Tensor) -> torch.Tensor:
         batch = self.place.shard(*batch)  # this rank's slice of the global batch
-        up, down, *direction = (t.to(self.device, non_blocking=True) for t in batch)
+        up, down, *rest = (t.to(self.device, non_blocking=True) for t in batch)
+        direction, tags = (rest + [None, None])[:2]  # each row's direction and, with model.word_features, input tags
         if self.tc.lr_schedule != "constant":
             factor = lr_factor(self.tc, self.state.step, self.total_steps, self.place.seconds)  # rank 0's clock
             for group in self.optimizer.param_groups:
                 group["lr"] = self.tc.lr * factor
-        loss = train_step(self.step_model, self.optimizer, up, down, self.autocast, direction[0] if direction else None)
+        loss = train_step(self.step_model, self.optimizer, up, down, self.autocast, direction, tags)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.loss_sum += loss

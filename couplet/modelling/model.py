@@ -13,6 +13,8 @@ Either way the module is `head` (and `refine_head`), so a full model's state dic
 With model.directions=2 a learnt direction embedding (row 0 "down": upper -> lower, row 1 "up": lower -> upper)
 is added to the character embedding at every position, so one model answers both ways (train.swapped_pairs);
 with directions=1 (folders written before the field) there is no such parameter and the state dict is as before.
+With model.word_features a learnt embedding of each input character's jieba word tag (couplet/data/wordtags.py) is
+added the same way; `tags` (B, L) travels beside the ids. Off: no such parameter, as before.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from couplet.modelling.kernels import (
     fused_linear_cross_entropy,
 )
 from couplet.data.vocab import PAD, Vocab
+from couplet.data.wordtags import N_TAGS
 
 
 class GatedConvBlock(nn.Module):
@@ -154,11 +157,16 @@ class CoupletLabeller(nn.Module):
         self.head = build_output(vocab_size, cfg)  # nn.Linear for model.output=full, as in the seed
         # zero at first and drawing no random numbers, so every other parameter starts as in a model without it
         self.direction = nn.Embedding(2, cfg.embed_dim, _weight=torch.zeros(2, cfg.embed_dim)) if cfg.directions == 2 else None
+        # model.word_features: the same, one row per word tag (row 0, PAD, stays zero: padding_idx)
+        self.word_tags = (nn.Embedding(N_TAGS, cfg.embed_dim, padding_idx=0, _weight=torch.zeros(N_TAGS, cfg.embed_dim))
+                          if cfg.word_features else None)
 
-    def embed(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, direction: torch.Tensor | None = None, tags: torch.Tensor | None = None) -> torch.Tensor:
         """The character embedding of ids (B, L), plus the direction's (B,) embedding with model.directions=2
-        (direction None: all 0, "down"); (B, L, d), before dropout."""
+        (direction None: all 0, "down") and the word tags' (B, L) with model.word_features; (B, L, d), before dropout."""
         x = self.embedding(ids)  # (B, L, d)
+        if self.word_tags is not None:  # a model without the feature ignores tags: it never learnt them
+            x = x + self._tag_embedding(ids, tags)
         if self.direction is None:
             if direction is not None and bool(direction.any()):
                 raise ValueError("this model has no direction marker (model.directions=1): it answers only upper -> lower")
@@ -167,30 +175,39 @@ class CoupletLabeller(nn.Module):
             return x + self.direction.weight[0]  # (d,) broadcast: every row "down"
         return x + self.direction(direction).unsqueeze(1)  # (B, 1, d)
 
-    def features(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
-        """The last block's output, (B, L, d), zero at PAD positions."""
-        return run_blocks(self.blocks, self.dropout(self.embed(ids, direction)), ids)
+    def _tag_embedding(self, ids: torch.Tensor, tags: torch.Tensor | None) -> torch.Tensor:
+        """The word tags' embedding (B, L, d) (model.word_features); tags shaped like the ids are required."""
+        if tags is None or tags.shape != ids.shape:
+            raise ValueError(f"this model reads each character's word tag (model.word_features): pass tags shaped like the "
+                             f"ids {tuple(ids.shape)} (couplet.data.wordtags.tag_matrix)")
+        return self.word_tags(tags.long())
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None):
+    def features(self, ids: torch.Tensor, direction: torch.Tensor | None = None, tags: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output, (B, L, d), zero at PAD positions."""
+        return run_blocks(self.blocks, self.dropout(self.embed(ids, direction, tags)), ids)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None,
+                tags: torch.Tensor | None = None):
         """ids (B, L) int64 -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean loss over non-PAD).
         With model.output=adaptive the "logits" are the exact log-probabilities (log_softmax leaves them as they are).
         `direction` (B,) int64: 0 "down" (upper -> lower), 1 "up" (lower -> upper, model.directions=2); None: all 0.
+        `tags` (B, L): the input line's word tags, which a model with model.word_features needs (others ignore them).
 
         With targets the logits are not materialised for the caller: on CPU the loss is fused with the
         output layer (see couplet.modelling.kernels.fused_linear_cross_entropy). Call without targets, or use log_probs, for logits.
         """
-        x = self.features(ids, direction)  # (B, L, d)
+        x = self.features(ids, direction, tags)  # (B, L, d)
         if targets is None:
             return output_scores(x, self.head), None  # (B, L, V)
         return None, head_loss(x, self.head, targets)
 
     @torch.no_grad()
-    def log_probs(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-softmax over the vocabulary, (B, L, V), in eval mode; PAD/UNK are not masked here. `direction` as in forward."""
+    def log_probs(self, ids: torch.Tensor, direction: torch.Tensor | None = None, tags: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-softmax over the vocabulary, (B, L, V), in eval mode; PAD/UNK are not masked here. `direction`, `tags` as in forward."""
         was_training = self.training
         self.eval()
         try:
-            logits, _ = self(ids, direction=direction)
+            logits, _ = self(ids, direction=direction, tags=tags)
             return F.log_softmax(logits.float(), dim=-1)
         finally:
             self.train(was_training)
@@ -214,8 +231,9 @@ class RefiningLabeller(CoupletLabeller):
         self.refine_blocks = nn.ModuleList(GatedConvBlock(cfg.embed_dim, cfg.kernel_size) for _ in range(cfg.refine_blocks))
         self.refine_head = build_output(vocab_size, cfg)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None):
-        x = self.features(ids, direction)  # (B, L, d)
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, direction: torch.Tensor | None = None,
+                tags: torch.Tensor | None = None):
+        x = self.features(ids, direction, tags)  # (B, L, d)
         full = isinstance(self.head, nn.Linear)
         draft_logits = output_scores(x, self.head) if full else None  # (B, L, V)
         if full:
@@ -252,8 +270,8 @@ class AttentionLabeller(CoupletLabeller):
             for _ in range(cfg.attn_layers)
         )
 
-    def features(self, ids: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
-        x = super().features(ids, direction)  # (B, L, d), zero at PAD
+    def features(self, ids: torch.Tensor, direction: torch.Tensor | None = None, tags: torch.Tensor | None = None) -> torch.Tensor:
+        x = super().features(ids, direction, tags)  # (B, L, d), zero at PAD
         pad = ids == PAD  # (B, L)
         padding_mask = pad if bool(pad.any()) else None  # equal-length training batches need no mask
         for layer in self.attention:

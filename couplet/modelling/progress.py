@@ -12,6 +12,7 @@ import torch
 from couplet.core.atomic import atomic_path, atomic_write_text
 from couplet.modelling.model import CoupletLabeller
 from couplet.data.vocab import PAD, UNK, Vocab
+from couplet.data.wordtags import tag_matrix
 
 
 @torch.no_grad()
@@ -20,7 +21,8 @@ def argmax_lines(model: CoupletLabeller, vocab: Vocab, lines: list[str], device)
     out = []
     for line in lines:
         ids = torch.tensor([vocab.encode(line)], device=device)  # (1, L)
-        logp = model.log_probs(ids)[0]  # (L, V)
+        tags = torch.from_numpy(tag_matrix([line])).to(device) if getattr(model, "word_tags", None) is not None else None
+        logp = model.log_probs(ids, tags=tags)[0]  # (L, V)
         logp[:, [PAD, UNK]] = -math.inf
         logp[torch.arange(len(line), device=device), ids[0]] = -math.inf  # no same-position copy
         out.append(vocab.decode(logp.argmax(-1).tolist()))

@@ -118,11 +118,15 @@ def lr_factor(tc: TrainConfig, step: int, total_steps: int, train_seconds: float
     return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
-def train_step(model, optimizer, up: torch.Tensor, down: torch.Tensor, autocast, direction: torch.Tensor | None = None) -> torch.Tensor:
-    """One optimiser step on a batch (`direction` (B,): each row's, for swapped pairs); returns the detached loss
-    (no device sync)."""
+def train_step(model, optimizer, up: torch.Tensor, down: torch.Tensor, autocast, direction: torch.Tensor | None = None,
+               tags: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step on a batch (`direction` (B,): each row's, for swapped pairs; `tags` (B, L): the input
+    line's word tags, model.word_features); returns the detached loss (no device sync)."""
+    extra = {"direction": direction} if direction is not None else {}
+    if tags is not None:
+        extra["tags"] = tags
     with autocast:
-        _, loss = model(up, targets=down) if direction is None else model(up, targets=down, direction=direction)
+        _, loss = model(up, targets=down, **extra)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -137,11 +141,12 @@ def estimate_loss(model, buckets, device, autocast, rows: int = 256) -> float | 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for up, down in buckets.values():
+    for up, down, *tagged in buckets.values():  # tagged (load_split(..., tags=True)): the upper line's tags first
         for s in range(0, len(up), rows):
             u, d = torch.from_numpy(up[s : s + rows]).to(device), torch.from_numpy(down[s : s + rows]).to(device)
+            extra = {"tags": torch.from_numpy(tagged[0][s : s + rows]).to(device)} if tagged else {}
             with autocast:
-                _, loss = model(u, targets=d)
+                _, loss = model(u, targets=d, **extra)
             n = int((d != PAD).sum())
             total, count = total + float(loss) * n, count + n
     model.train(was_training)
