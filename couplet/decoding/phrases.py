@@ -75,20 +75,19 @@ class NgramTable:
     """One order's counts: upper code `up_keys[j]` faced lower codes `low_keys[starts[j]:starts[j+1]]` that often."""
 
     up_keys: np.ndarray  # (U,) int32 or int64 (whichever holds V^n), ascending
-    starts: np.ndarray  # (U + 1,) int64
+    starts: np.ndarray  # (U + 1,) int32 (int64 past 2^31 entries)
     low_keys: np.ndarray  # (E,) like up_keys, ascending within a row
     counts: np.ndarray  # (E,) int32
-    totals: np.ndarray  # (U,) float32: each row's sum
 
     @classmethod
     def from_sorted(cls, upper: np.ndarray, lower: np.ndarray, counts: np.ndarray, code_limit: int) -> "NgramTable":
         """From entries sorted by (upper, lower); codes stay below `code_limit` (V^n), which picks the narrowest dtype."""
         code_dtype = np.int32 if code_limit <= np.iinfo(np.int32).max else np.int64
         first = np.flatnonzero(np.concatenate([[True], upper[1:] != upper[:-1]])) if len(upper) else np.zeros(0, np.int64)
-        totals = np.add.reduceat(np.asarray(counts, dtype=np.int64), first).astype(np.float32) if len(first) else np.zeros(0, np.float32)
+        start_dtype = np.int32 if len(upper) <= np.iinfo(np.int32).max else np.int64
         # copies: nothing keeps a reader's (Arrow) buffers alive
-        return cls(np.array(upper[first], dtype=code_dtype), np.append(first, len(upper)).astype(np.int64),
-                   np.array(lower, dtype=code_dtype), np.array(counts, dtype=np.int32), totals)
+        return cls(np.array(upper[first], dtype=code_dtype), np.append(first, len(upper)).astype(start_dtype),
+                   np.array(lower, dtype=code_dtype), np.array(counts, dtype=np.int32))
 
     @property
     def entries(self) -> int:
@@ -96,14 +95,15 @@ class NgramTable:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.up_keys, self.starts, self.low_keys, self.counts, self.totals))
+        return sum(a.nbytes for a in (self.up_keys, self.starts, self.low_keys, self.counts))
 
     def row(self, upper_code: int) -> tuple[int, int, float]:
         """(start, stop, total) of an upper code's entries; an unseen code gives an empty range and total 0."""
         j = int(np.searchsorted(self.up_keys, self.up_keys.dtype.type(upper_code)))  # same dtype: no copy of the keys
         if j == len(self.up_keys) or self.up_keys[j] != upper_code:
             return 0, 0, 0.0
-        return int(self.starts[j]), int(self.starts[j + 1]), float(self.totals[j])
+        start, stop = int(self.starts[j]), int(self.starts[j + 1])
+        return start, stop, float(self.counts[start:stop].sum())  # callers cache what they read (no totals kept)
 
     def lookup(self, start: int, stop: int, lower: np.ndarray) -> np.ndarray:
         """Counts of the lower codes `lower` (any shape) within the row [start, stop); 0 where unseen."""
