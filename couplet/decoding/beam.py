@@ -142,9 +142,8 @@ def _candidates(plan: GroupPlan, couplings: Sequence[Coupling], n_best: int) -> 
     for r, g in enumerate(free):
         cand = top[r]
         extra = [c.proposals(first[g]) for c in couplings]
-        if any(e.size for e in extra):
-            more = np.concatenate(extra)
-            cand = np.unique(np.concatenate([cand, more[(more >= 0) & (more < size)]]))
+        if any(e.size for e in extra):  # vocabulary ids; masked ones drop out with the non-finite scores below
+            cand = np.unique(np.concatenate([cand, *extra]))
         scores = rows[r, cand]
         finite = np.isfinite(scores)
         found[g] = (cand[finite], scores[finite])
@@ -178,7 +177,7 @@ def _beam_search(
                 return none
             expanded = total[:, None] + row[None, :]
             if couplings:
-                expanded = expanded + _coupled(couplings, i, ids, cand)
+                expanded += _coupled(couplings, i, ids, cand)
             if plan.distinct and g:  # groups are numbered in order of appearance: those before g are chosen
                 expanded[(cand[None, :, None] == group_char[:, None, :g]).any(axis=2)] = NEG_INF
             flat = expanded.ravel()
@@ -289,7 +288,7 @@ def beam_decode(
         scores = {}
         for row, total in zip(rows, totals.tolist()):
             scores.setdefault(_text(plan, vocab, row), total)
-        exact, _ = exact_kbest(upper, lp, tables, top_k, current)
+        exact, _ = exact_kbest(upper, lp, tables, top_k, current, plan=plan)  # the plan's last use: it may consume it
         missing = [line for line, _ in exact if line not in scores]
         if missing:  # decode's lines the beam pruned join the finalists, scored the same way
             scores.update(zip(missing, _line_scores(missing, lp, vocab, couplings).tolist()))

@@ -26,6 +26,7 @@ from couplet.decoding.constraints import (
     CONSTRAINED,
     DecodeOptions,
     DecodeResult,
+    GroupPlan,
     VocabTables,
     checked_log_probs,
     plan_groups,
@@ -200,13 +201,15 @@ def _kbest_murty(cand_ids: list[list[int]], cand_sc: list[list[float]], k: int) 
 
 
 def exact_kbest(
-    upper: str, lp: np.ndarray, tables: VocabTables, top_k: int, options: DecodeOptions, max_pops: int = 20000
+    upper: str, lp: np.ndarray, tables: VocabTables, top_k: int, options: DecodeOptions, max_pops: int = 20000,
+    plan: GroupPlan | None = None,
 ) -> tuple[list[tuple[str, float]], list[str]]:
     """One attempt of `decode` (no relaxing): the `top_k` best lines of `upper` under `options`, best first, and the
-    constraints applied; no lines when nothing satisfies them. `lp` holds exactly the line's rows."""
+    constraints applied; no lines when nothing satisfies them. `lp` holds exactly the line's rows. `plan`: that
+    line's `plan_groups` under `options`, when the caller has one it no longer needs (its scores are consumed)."""
     length = len(upper)
     stoi = tables.stoi
-    plan = plan_groups(upper, lp, tables, options)
+    plan = plan if plan is not None else plan_groups(upper, lp, tables, options)
     group_of, fixed, scores, distinct, applied = plan.group_of, plan.fixed, plan.scores, plan.distinct, plan.applied
     n_groups = scores.shape[0]
 
