@@ -137,7 +137,8 @@ def _candidates(plan: GroupPlan, couplings: Sequence[Coupling], n_best: int) -> 
         return {}
     rows = plan.scores[free]
     size = rows.shape[1]
-    top = np.argpartition(-rows, n_best - 1, axis=1)[:, :n_best] if n_best < size else np.tile(np.arange(size), (len(free), 1))
+    top = np.argpartition(rows, size - n_best, axis=1)[:, size - n_best :] if n_best < size else \
+        np.tile(np.arange(size), (len(free), 1))  # the n_best largest of each row, in no order (no negated copy)
     found = {}
     for r, g in enumerate(free):
         cand = top[r]

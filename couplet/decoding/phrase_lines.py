@@ -76,6 +76,8 @@ class LinePhrases:
             if weight > 0:
                 factor[i - n + 1 : i + 1] += weight
                 constant[i] += weight * window.constant
+        if factor.all():  # the usual line: every position in some window (float64 factors: float64 sums)
+            return (factor[:, None] * self.uni + constant[:, None]) + lp
         fused = lp.astype(np.float64)
         for k in np.flatnonzero(factor).tolist():  # row by row: a zero factor times a PAD/UNK -inf would be NaN
             fused[k] += self.uni[k] * np.float64(factor[k]) + constant[k]  # a NumPy float64 scalar: float64 sums
