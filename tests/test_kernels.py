@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from couplet.modelling.kernels import conv1d_same_as_matmul, conv1d_same_train, fused_linear_cross_entropy
+from couplet.modelling.kernels import adaptive_log_probs, conv1d_same_as_matmul, conv1d_same_train, fused_linear_cross_entropy
 from couplet.modelling.model import GatedConvBlock
 from couplet.data.vocab import PAD
 
@@ -82,3 +82,19 @@ def test_fused_loss_bf16_matmuls_stay_close_to_fp32():
     loss32 = F.cross_entropy(F.linear(x, w, b), t)
     assert loss16.dtype == torch.float32 and abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
     assert all(v.grad.dtype == torch.float32 for v in leaves)
+
+
+@pytest.mark.parametrize("div", [1.0, 2.0])
+def test_folded_adaptive_log_probs_equal_torchs_and_follow_weight_updates(div):
+    torch.manual_seed(0)
+    head = torch.nn.AdaptiveLogSoftmaxWithLoss(16, 50, [6, 20], div_value=div, head_bias=True)
+    x = torch.randn(9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive_log_probs(x, head), head.log_prob(x), rtol=1e-5, atol=1e-5)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)  # a step changes every weight in place
+    head(x, torch.randint(0, 50, (9,))).loss.backward()
+    optimizer.step()
+    with torch.inference_mode():
+        folded = adaptive_log_probs(x, head)
+        torch.testing.assert_close(folded, head.log_prob(x), rtol=1e-5, atol=1e-5)  # not the cached matrix
+        torch.testing.assert_close(folded.exp().sum(dim=1), torch.ones(9), rtol=1e-5, atol=1e-5)

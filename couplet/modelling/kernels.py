@@ -6,6 +6,8 @@ one to its stock equivalent.
 - `conv1d_same_as_matmul`: a padding='same' Conv1d as one matmul (inference on a few positions).
 - `conv1d_same_train`: the same matmul with a hand-written backward (CPU training), ~1.8x faster than oneDNN's
   convolution forward + backward on a training batch (64 x 128 x 5..7, one thread).
+- `adaptive_log_probs`: an adaptive softmax layer's full log-probabilities (inference) from one matmul: the head and
+  every tail cluster's two projections folded into one cached matrix, where torch's `log_prob` runs each cluster.
 """
 
 from __future__ import annotations
@@ -131,3 +133,38 @@ class _Conv1dSameMatmul(torch.autograd.Function):
 def conv1d_same_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """`F.conv1d(x, weight, bias, padding="same")`, (B, d, L) -> (B, out, L), gradients included; fp32 CPU training."""
     return _Conv1dSameMatmul.apply(x, weight, bias)
+
+
+def _folded_adaptive(head: torch.nn.AdaptiveLogSoftmaxWithLoss) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (S + C + V - S, d), bias) of the head's rows then each tail cluster's folded projection W2 @ W1;
+    cached on the layer until any of its parameters changes (their version counters)."""
+    params = list(head.parameters())
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cached = getattr(head, "_couplet_folded", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            tails = []
+            for tail in head.tail:  # Sequential(Linear(d, h, bias=False), Linear(h, size, bias=False))
+                inner, outer = tail[0].weight, tail[1].weight
+                tails.append(outer @ inner)
+            weight = torch.cat([head.head.weight, *tails])
+            bias = head.head.bias if head.head.bias is not None else torch.zeros(head.head.out_features)
+            bias = torch.cat([bias, bias.new_zeros(weight.shape[0] - bias.shape[0])])
+        cached = (key, weight, bias)
+        head._couplet_folded = cached  # a plain attribute: not in the state dict
+    return cached[1], cached[2]
+
+
+def adaptive_log_probs(x: torch.Tensor, head: torch.nn.AdaptiveLogSoftmaxWithLoss) -> torch.Tensor:
+    """`head.log_prob(x)` for x (N, d) -> (N, V), without autograd: one matmul over the folded weights, then each
+    cluster's log-softmax plus the head's log-probability of that cluster."""
+    weight, bias = _folded_adaptive(head)
+    logits = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+    shortlist, n_heads = head.shortlist_size, head.head.out_features
+    head_lp = torch.log_softmax(logits[:, :n_heads], dim=1)
+    parts, start = [head_lp[:, :shortlist]], n_heads
+    for i, (low, high) in enumerate(zip(head.cutoffs, head.cutoffs[1:])):
+        cluster = logits[:, start : start + high - low]
+        parts.append(torch.log_softmax(cluster, dim=1) + head_lp[:, shortlist + i : shortlist + i + 1])
+        start += high - low
+    return torch.cat(parts, dim=1)

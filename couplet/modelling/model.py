@@ -31,6 +31,7 @@ from couplet.core.catalog import MODEL_FILES
 from couplet.core.config import MODEL_KINDS, Config, ModelConfig, config_from_dict, with_former_defaults
 from couplet.modelling.kernels import (
     SMALL_INFERENCE_POSITIONS,
+    adaptive_log_probs,
     conv1d_same_as_matmul,
     conv1d_same_train,
     fused_linear_cross_entropy,
@@ -108,7 +109,9 @@ def output_scores(x: torch.Tensor, head: OutputLayer) -> torch.Tensor:
     log-probabilities (already normalised; a softmax of them is the same distribution)."""
     if isinstance(head, nn.Linear):
         return head(x)
-    return head.log_prob(x.reshape(-1, x.size(-1))).reshape(*x.shape[:-1], head.n_classes)
+    flat = x.reshape(-1, x.size(-1))
+    scores = head.log_prob(flat) if torch.is_grad_enabled() else adaptive_log_probs(flat, head)
+    return scores.reshape(*x.shape[:-1], head.n_classes)
 
 
 def adaptive_loss(x: torch.Tensor, head: nn.AdaptiveLogSoftmaxWithLoss, targets: torch.Tensor) -> torch.Tensor:
