@@ -143,6 +143,10 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         model, vocab, config = load_labeller(path, device=device)
+        if config.model.word_features:  # jieba's dictionary now (~1 s), not on the first request
+            from couplet.data.wordtags import posseg_module
+
+            posseg_module()
         decoding = read_decode_settings(path, config.decode, len(vocab))
         config = config.model_copy(update={"decode": decoding.config})
         words = Blocklist.for_settings(decoding.config.default_blocklist, decoding.config.blocklist, blocklist)
