@@ -174,6 +174,20 @@ def test_only_unigrams_is_the_exact_search_over_the_summed_rows():
         assert res.candidates == decode(upper, summed, VOCAB, top_k=3).candidates
 
 
+def test_a_line_whose_ngrams_faced_nothing_is_answered_exactly_with_their_back_off_in_the_rows():
+    memory = PhraseMemory.fit(_buckets(SMALL, PAIRS), len(SMALL))
+    upper = "月天雨"  # no bigram or trigram of it was counted: only the separable back-off remains
+    line = memory.line(_ids(SMALL, upper))
+    assert all(not len(window.keys) for window in line.windows.values())
+    lp = _log_probs(np.random.default_rng(3), len(upper), SMALL)
+    weights = (0.5, 1.0, 1.0)
+    res = beam_decode(upper, lp, SMALL, top_k=2, phrases=memory, phrase_weights=weights)
+    rows = line.with_separable(lp, {1: 0.5, 2: 1.0, 3: 1.0})
+    assert res.candidates == decode(upper, rows, SMALL, top_k=2).candidates
+    for lower, score in res.candidates:
+        assert score == pytest.approx(_phrase_fused(lower, upper, lp, SMALL, memory, weights), abs=1e-4)
+
+
 def test_a_large_beam_finds_the_brute_force_optimum_with_phrases():
     rng = np.random.default_rng(13)
     for _ in range(60):

@@ -74,6 +74,11 @@ class Coupling(Protocol):
         """Ids worth trying at position i whatever the model's rows say (may be empty)."""
         ...
 
+    @property
+    def empty(self) -> bool:
+        """The term is 0 for every line of this upper line (the search may skip it)."""
+        ...
+
 
 class LMCoupling:
     """lm_weight · log p(char | previous char) of the lower-line bigram LM; a copied mark outside the vocabulary
@@ -98,6 +103,10 @@ class LMCoupling:
     def proposals(self, i: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
 
+    @property
+    def empty(self) -> bool:
+        return False
+
 
 class PhraseCoupling:
     """phrase_bi · log p2 + phrase_tri · log p3 of the lower n-grams ending at each position, less the part separable
@@ -113,6 +122,11 @@ class PhraseCoupling:
 
     def score_lines(self, ids: np.ndarray) -> np.ndarray:
         return self.index.score_lines(ids)
+
+    @property
+    def empty(self) -> bool:
+        """No window of the line faced any lower n-gram: the term is 0 for every line."""
+        return not self.index.ending
 
     def proposals(self, i: int) -> np.ndarray:
         found = [self.line.proposals(n, i) for n in self.weights]
@@ -135,7 +149,7 @@ def _candidates(plan: GroupPlan, couplings: Sequence[Coupling], n_best: int) -> 
     free = [g for g in first if g not in plan.fixed]
     if not free:
         return {}
-    rows = plan.scores[free]
+    rows = plan.scores[free] if len(free) < plan.scores.shape[0] else plan.scores  # no copy when nothing is fixed
     size = rows.shape[1]
     top = np.argpartition(rows, size - n_best, axis=1)[:, size - n_best :] if n_best < size else \
         np.tile(np.arange(size), (len(free), 1))  # the n_best largest of each row, in no order (no negated copy)
@@ -277,7 +291,8 @@ def beam_decode(
     if phrases is not None and phrases.vocab_size != len(vocab):
         raise ValueError(f"the phrase memory has a vocabulary of {phrases.vocab_size} characters, the model's has {len(vocab)}")
     lp, couplings = _fusion(upper, checked_log_probs(upper, log_probs, vocab), vocab, lm, lm_weight, phrases, phrase_weights)
-    if not couplings:
+    couplings = [c for c in couplings if not c.empty]
+    if not couplings:  # nothing couples positions (e.g. no upper n-gram of the line faced anything): exact
         return decode(upper, lp, vocab, top_k=top_k, options=options)
     if not upper:
         return DecodeResult(candidates=[("", 0.0)], constraints=[])
