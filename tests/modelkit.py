@@ -13,7 +13,7 @@ from couplet.modelling.model import build_labeller, save_labeller
 
 CHARS = "春风得意马蹄疾秋月扬明辉海阔凭鱼跃天高任鸟飞山水花草云雨红绿日夜，。"
 UPPER = "春风得意马蹄疾"  # every character in CHARS
-TINY = ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, kernel_size=3, dropout=0.0)
+TINY = ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, kernel_size=3, dropout=0.0, word_features=False)
 
 
 def tiny_vocab(chars: str = CHARS) -> Vocab:

@@ -97,7 +97,7 @@ def test_run_evaluate_writes_the_baseline(tmp_path, build):
     from couplet.data.vocab import Vocab
 
     vocab = Vocab.load(build / "vocab.json")
-    model = ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=1)
+    model = ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=1, word_features=False)
     config = Config(data=DataConfig(max_len=8), model=model, evaluate=EvaluateConfig(n_samples=2))
     model_dir = save_tiny_model(tmp_path / "home" / "models" / "run-1", config, vocab)
     trained = {"key": "train-key", "model": str(model_dir), "run_id": "run-1"}

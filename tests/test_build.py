@@ -80,7 +80,7 @@ def test_splits_dedupe_vocab_and_shards(tmp_path, home):
     assert set(vocab.itos[2:]) <= train_chars
     for shard in result["shards"]:
         table = pq.read_table(Path(result["build_dir"]) / shard["path"])
-        assert table.schema.names == ["up", "down", "length", "up_ids", "down_ids"]
+        assert table.schema.names == ["up", "down", "length", "up_ids", "down_ids", "up_tags", "down_tags"]  # data.word_tags
         assert set(table["length"].to_pylist()) == {shard["length"]}
         for row in table.to_pylist()[:20]:
             assert len(row["up_ids"]) == shard["length"] == len(row["up"])

@@ -14,7 +14,7 @@ from couplet.core.config import Config, ModelConfig
 from couplet.modelling.model import CoupletLabeller, GatedConvBlock, load_labeller, save_labeller
 from couplet.data.vocab import PAD, UNK, Vocab
 
-SMALL = ModelConfig(kind="gated_cnn", embed_dim=32, n_blocks=2)
+SMALL = ModelConfig(kind="gated_cnn", embed_dim=32, n_blocks=2, word_features=False)
 PAIRS = [("晚风摇树树还挺", "晨露润花花更红"), ("今天天气不错", "明日风光更佳"), ("鱼跃此时海", "花开彼岸天"), ("只有香如故", "何须色更新")]
 
 
@@ -37,7 +37,7 @@ def test_shapes_and_loss():
 
 
 def test_default_config_is_the_seed():
-    model = CoupletLabeller(100, ModelConfig())
+    model = CoupletLabeller(100, ModelConfig(word_features=False))
     assert model.embedding.embedding_dim == 128 and len(model.blocks) == 6 and model.dropout.p == 0.25
     assert model.blocks[0].conv.weight.shape == (256, 128, 3)
 
@@ -301,7 +301,7 @@ def test_every_configurable_kind_has_its_labeller_class():
 
     assert tuple(LABELLERS) == MODEL_KINDS  # config.py names the kinds; model.py refuses to import otherwise
     for kind in MODEL_KINDS:
-        model = build_labeller(10, ModelConfig(kind=kind, embed_dim=8, attn_heads=2))
+        model = build_labeller(10, ModelConfig(kind=kind, embed_dim=8, attn_heads=2, word_features=False))
         assert type(model) is LABELLERS[kind] and model.kind == kind
 
 

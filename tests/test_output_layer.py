@@ -20,7 +20,7 @@ PAIRS = [("晚风摇树树还挺", "晨露润花花更红"), ("今天天气不�
 
 
 def adaptive(kind: str = "gated_cnn", **changes) -> ModelConfig:
-    settings = dict(kind=kind, embed_dim=16, n_blocks=2, attn_heads=2, refine_blocks=1, output="adaptive")
+    settings = dict(kind=kind, embed_dim=16, n_blocks=2, attn_heads=2, refine_blocks=1, output="adaptive", word_features=False)
     return ModelConfig(**(settings | changes))
 
 
@@ -128,7 +128,7 @@ def test_save_load_round_trip_answers_identically(tmp_path, kind):
 
 def test_a_folder_written_before_the_field_loads_as_full(tmp_path):
     vocab = Vocab.from_counts({ch: 1 for ch in "".join(u + d for u, d in PAIRS)}, min_count=1)
-    config = Config(model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, output="full"))  # what it wrote then
+    config = Config(model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, output="full", word_features=False))  # what it wrote then
     torch.manual_seed(0)
     model = build_labeller(len(vocab), config.model).eval()
     save_labeller(model, vocab, config, tmp_path / "m")

@@ -37,7 +37,7 @@ MAX_LEN = 12
 
 def _save_tiny_model(model_dir: Path, seed: int = 0) -> Path:
     vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *dict.fromkeys(CHARS), "，", "。"])
-    config = Config(data=DataConfig(max_len=MAX_LEN), model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2))
+    config = Config(data=DataConfig(max_len=MAX_LEN), model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, word_features=False))
     return save_tiny_model(model_dir, config, vocab, seed=seed)
 
 
@@ -135,7 +135,7 @@ def test_match_batch_errors(predictor):
 
 def test_a_model_of_one_direction_refuses_the_other(tmp_path):
     vocab = Vocab(itos=[PAD_TOKEN, UNK_TOKEN, *dict.fromkeys(CHARS), "，", "。"])
-    config = Config(model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, directions=1))
+    config = Config(model=ModelConfig(kind="gated_cnn", embed_dim=16, n_blocks=2, directions=1, word_features=False))
     one_way = Predictor.load(save_tiny_model(tmp_path / "one-way", config, vocab))
     message = ("this model answers only upper → lower; retrain with model.directions=2 and train.swapped_pairs=true "
                "for the other direction")

@@ -131,7 +131,7 @@ def test_a_model_with_word_features_trains_and_answers(tagged_build, tmp_path):
 
 
 def test_word_features_need_a_tagged_build(tmp_path):
-    build = make_build_dir(tmp_path, [("白日依山尽", "黄河入海流"), ("春风得意", "秋月扬辉")])
+    build = make_build_dir(tmp_path, [("白日依山尽", "黄河入海流"), ("春风得意", "秋月扬辉")], word_tags=False)
     with pytest.raises(ConfigError, match=r"model\.word_features=true .* set data\.word_tags=true too$"):
         train_labeller(build, _small(word_features=True), tmp_path / "m", progress=False)
 
@@ -139,7 +139,7 @@ def test_word_features_need_a_tagged_build(tmp_path):
 def test_a_model_without_the_feature_is_unchanged(tmp_path):
     vocab = tiny_vocab()
     torch.manual_seed(0)
-    without = build_labeller(len(vocab), TINY)
+    without = build_labeller(len(vocab), TINY.model_copy(update={"word_features": False}))
     torch.manual_seed(0)
     with_tags = build_labeller(len(vocab), TINY.model_copy(update={"word_features": True}))
     assert without.word_tags is None and not any(k.startswith("word_tags") for k in without.state_dict())
