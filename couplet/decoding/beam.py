@@ -56,6 +56,7 @@ from couplet.data.vocab import UNK, Vocab
 __all__ = ["beam_decode", "line_scores", "Coupling", "LMCoupling", "PhraseCoupling", "fused_rows"]
 
 NEG_INF = -np.inf
+_SAMPLE_STRIDE = 8  # candidates: a row's threshold comes from every 8th entry
 
 
 class Coupling(Protocol):
@@ -141,8 +142,8 @@ def _coupled(couplings: Sequence[Coupling], i: int, history: np.ndarray, cand: n
 
 
 def _candidates(plan: GroupPlan, couplings: Sequence[Coupling], n_best: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Each free group's candidate ids and their row scores: its `n_best` by its row, plus what the couplings
-    propose at its first position; finite scores only."""
+    """Each free group's candidate ids (ascending) and their row scores: its `n_best` by its row, plus what the
+    couplings propose at its first position; finite scores only. Every group at once, in a few array operations."""
     first: dict[int, int] = {}
     for i, g in enumerate(plan.group_of):
         first.setdefault(g, i)
@@ -150,19 +151,29 @@ def _candidates(plan: GroupPlan, couplings: Sequence[Coupling], n_best: int) -> 
     if not free:
         return {}
     rows = plan.scores[free] if len(free) < plan.scores.shape[0] else plan.scores  # no copy when nothing is fixed
-    size = rows.shape[1]
-    top = np.argpartition(rows, size - n_best, axis=1)[:, size - n_best :] if n_best < size else \
-        np.tile(np.arange(size), (len(free), 1))  # the n_best largest of each row, in no order (no negated copy)
-    found = {}
-    for r, g in enumerate(free):
-        cand = top[r]
-        extra = [c.proposals(first[g]) for c in couplings]
-        if any(e.size for e in extra):  # vocabulary ids; masked ones drop out with the non-finite scores below
-            cand = np.unique(np.concatenate([cand, *extra]))
-        scores = rows[r, cand]
-        finite = np.isfinite(scores)
-        found[g] = (cand[finite], scores[finite])
-    return found
+    n_rows, size = rows.shape
+    if n_best * _SAMPLE_STRIDE < size:
+        # each row's n_best-th largest among every _SAMPLE_STRIDE-th entry: at least n_best entries reach it, so the
+        # row's n_best largest are among those that do (~n_best * stride of them), found without sorting it all
+        threshold = np.partition(rows[:, ::_SAMPLE_STRIDE], -n_best, axis=1)[:, -n_best, None]
+        row_of, ids = np.divmod(np.flatnonzero(rows >= threshold), size)  # (a 2-D nonzero is ~10x slower)
+    else:
+        row_of, ids = np.divmod(np.arange(rows.size), size)
+    order = np.argsort(-rows[row_of, ids], kind="stable")
+    order = order[np.argsort(row_of[order], kind="stable")]  # by row, best first
+    row_of, ids = row_of[order], ids[order]
+    best = np.arange(len(row_of)) - np.searchsorted(row_of, row_of) < n_best  # rank within the row
+    proposed = [np.concatenate([c.proposals(first[g]) for c in couplings]) if couplings else np.zeros(0, np.int64)
+                for g in free]
+    row_of = np.concatenate([row_of[best], np.repeat(np.arange(n_rows), [len(p) for p in proposed])])
+    ids = np.concatenate([ids[best], *proposed])
+    codes = np.sort(row_of * size + ids)
+    row_of, ids = np.divmod(codes[np.concatenate([[True], codes[1:] != codes[:-1]])], size)  # each (row, id) once
+    scores = rows[row_of, ids]
+    finite = np.isfinite(scores)
+    row_of, ids, scores = row_of[finite], ids[finite], scores[finite]
+    bounds = np.searchsorted(row_of, np.arange(n_rows + 1))
+    return {g: (ids[bounds[k] : bounds[k + 1]], scores[bounds[k] : bounds[k + 1]]) for k, g in enumerate(free)}
 
 
 def _beam_search(
