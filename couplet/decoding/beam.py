@@ -176,14 +176,26 @@ def _candidates(plan: GroupPlan, couplings: Sequence[Coupling], n_best: int) -> 
     return {g: (ids[bounds[k] : bounds[k + 1]], scores[bounds[k] : bounds[k + 1]]) for k, g in enumerate(free)}
 
 
+def _exact_best(plan: GroupPlan, candidates: dict[int, tuple[np.ndarray, np.ndarray]], stoi: dict[str, int]) -> np.ndarray | None:
+    """The best line by the rows alone (decode's top answer) as ids when each group's best candidate is a different
+    character (or the rule does not ask for that), else None (decode's own search is needed)."""
+    best = {g: int(cand[np.argmax(scores)]) for g, (cand, scores) in candidates.items() if len(cand)}
+    if len(best) < len(candidates) or (plan.distinct and len(set(best.values())) < len(best)):
+        return None
+    return np.array([stoi.get(plan.fixed[g], UNK) if g in plan.fixed else best[g] for g in plan.group_of], dtype=np.int64)
+
+
 def _beam_search(
-    lp: np.ndarray, plan: GroupPlan, stoi: dict[str, int], couplings: Sequence[Coupling], beam_size: int
+    lp: np.ndarray, plan: GroupPlan, stoi: dict[str, int], couplings: Sequence[Coupling], beam_size: int,
+    candidates: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The surviving hypotheses' id rows (H, L) (an out-of-vocabulary copied mark is UNK) and their fused scores (H,),
-    best first (none: two empty arrays)."""
+    best first (none: two empty arrays). `candidates`: `_candidates(plan, couplings, beam_size + groups)`, when the
+    caller has them."""
     length, n_groups = len(plan.group_of), plan.scores.shape[0]
     none = np.zeros((0, length), dtype=np.int64), np.zeros(0)
-    candidates = _candidates(plan, couplings, beam_size + n_groups)  # other groups use at most n_groups - 1 of them
+    if candidates is None:
+        candidates = _candidates(plan, couplings, beam_size + n_groups)  # other groups use at most n_groups - 1
     ids = np.zeros((1, length), dtype=np.int64)
     group_char = np.full((1, n_groups), -1, dtype=np.int64)
     total = np.zeros(1)
@@ -255,7 +267,7 @@ def _fusion(upper: str, lp: np.ndarray, vocab: Vocab, lm: CharBigramLM | None, l
         rows = phrases.unigram_rows(upper_ids)
         if bi > 0 or tri > 0:
             line = phrases.line(upper_ids, rows)
-            lp = line.with_separable(lp, {1: uni, 2: bi, 3: tri})  # float64: the beam sums in float64
+            lp = line.with_separable(lp, {1: uni, 2: bi, 3: tri})
             couplings.append(PhraseCoupling(line, {2: bi, 3: tri}))
         else:
             lp = (lp + uni * rows).astype(np.float32)
@@ -311,11 +323,17 @@ def beam_decode(
 
     def attempt(current: DecodeOptions) -> tuple[list[tuple[str, float]], list[str]]:
         plan = plan_groups(upper, lp, tables, current, dtype=np.float64)  # the beam sums groups in float64
-        rows, totals = _beam_search(lp, plan, tables.stoi, couplings, max(beam_size, top_k))
+        width = max(beam_size, top_k)
+        candidates = _candidates(plan, couplings, width + plan.scores.shape[0])  # other groups use < groups of them
+        rows, totals = _beam_search(lp, plan, tables.stoi, couplings, width, candidates)
         scores = {}
         for row, total in zip(rows, totals.tolist()):
             scores.setdefault(_text(plan, vocab, row), total)
-        exact, _ = exact_kbest(upper, lp, tables, top_k, current, plan=plan)  # the plan's last use: it may consume it
+        greedy = _exact_best(plan, candidates, tables.stoi) if top_k == 1 else None
+        if greedy is not None:  # decode's answer without its search (each group's best differs)
+            exact = [(_text(plan, vocab, greedy), 0.0)]
+        else:
+            exact, _ = exact_kbest(upper, lp, tables, top_k, current, plan=plan)  # the plan's last use: may consume it
         missing = [line for line, _ in exact if line not in scores]
         if missing:  # decode's lines the beam pruned join the finalists, scored the same way
             scores.update(zip(missing, _line_scores(missing, lp, vocab, couplings).tolist()))

@@ -67,7 +67,7 @@ class LinePhrases:
                     self.windows[(n, i)] = memory.window(n, code)
 
     def with_separable(self, lp: np.ndarray, weights: Mapping[int, float]) -> np.ndarray:
-        """(L, V) float64: `lp` plus Σ_n weights[n] · (each order-n window's separable part), by position (order 1:
+        """(L, V): `lp` plus Σ_n weights[n] · (each order-n window's separable part), by position (order 1:
         log p1 at every position); a window's constant goes to its last position."""
         length = len(self.upper_ids)
         factor, constant = np.full(length, float(weights.get(1, 0.0))), np.zeros(length)
@@ -76,8 +76,8 @@ class LinePhrases:
             if weight > 0:
                 factor[i - n + 1 : i + 1] += weight
                 constant[i] += weight * window.constant
-        if factor.all():  # the usual line: every position in some window (float64 factors: float64 sums)
-            return (factor[:, None] * self.uni + constant[:, None]) + lp
+        if factor.all():  # the usual line: every position in some window (in float32, like the rows)
+            return (factor.astype(np.float32)[:, None] * self.uni + constant.astype(np.float32)[:, None]) + lp
         fused = lp.astype(np.float64)
         for k in np.flatnonzero(factor).tolist():  # row by row: a zero factor times a PAD/UNK -inf would be NaN
             fused[k] += self.uni[k] * np.float64(factor[k]) + constant[k]  # a NumPy float64 scalar: float64 sums
