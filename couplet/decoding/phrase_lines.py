@@ -46,8 +46,8 @@ class LinePhrases:
 
     An order-n window's log p_n = log(c + β·b) − log(C + β) splits, with b = Π_k p1(l_k | u_k), into
 
-        Σ_k log p1(l_k | u_k) + log β − log(C + β)     separable by position: `separable_rows` adds it to the rows
-        + log(1 + c(u.., l..) / (β · b))                 0 unless the upper n-gram faced this lower one: `bonus`
+        Σ_k log p1(l_k | u_k) + log β − log(C + β)     separable by position: `with_separable` adds it to the rows
+        + log(1 + c(u.., l..) / (β · b))                 0 unless the upper n-gram faced this lower one: `BonusIndex`
 
     so only lower n-grams the memory holds cost the search anything, and a line's score is unchanged."""
 
@@ -76,35 +76,20 @@ class LinePhrases:
             if weight > 0:
                 factor[i - n + 1 : i + 1] += weight
                 constant[i] += weight * window.constant
-        if factor.all():  # the usual line: every position in some window (in float32, like the rows)
-            return (factor.astype(np.float32)[:, None] * self.uni + constant.astype(np.float32)[:, None]) + lp
-        fused = lp.astype(np.float64)
-        for k in np.flatnonzero(factor).tolist():  # row by row: a zero factor times a PAD/UNK -inf would be NaN
-            fused[k] += self.uni[k] * np.float64(factor[k]) + constant[k]  # a NumPy float64 scalar: float64 sums
-        return fused
+        # in float32, like the rows; where no window covers a position (factor 0), nothing is added there (0 times a
+        # PAD/UNK -inf would be NaN)
+        scaled = np.multiply(factor.astype(np.float32)[:, None], self.uni, out=np.zeros_like(self.uni),
+                             where=factor[:, None] > 0)
+        scaled += constant.astype(np.float32)[:, None]
+        return scaled + lp
 
     def bonus_index(self, weights: Mapping[int, float]) -> "BonusIndex":
         """The non-separable parts of the orders in `weights` (n >= 2), weighted, as one table (`BonusIndex`)."""
         return BonusIndex(self, weights)
 
-    def bonus(self, n: int, i: int, history: np.ndarray, cand: np.ndarray, *, paired: bool = False) -> np.ndarray | None:
-        """The non-separable part of log p_n for the lower n-grams ending at position i: `history` (H, >= i) holds the
-        hypotheses' ids before i, `cand` (C,) the ids tried at i after each -> (H, C), or with `paired` one id per
-        hypothesis -> (H,). None when the upper n-gram faced nothing (the part is 0)."""
-        window = self.windows.get((n, i))
-        if window is None or not len(window.keys):
-            return None
-        size = self.memory.vocab_size
-        prefix = np.zeros(history.shape[0], dtype=np.int64)
-        for k in range(i - n + 1, i):
-            prefix = prefix * size + history[:, k]
-        lower = prefix * size + cand if paired else (prefix * size)[:, None] + cand[None, :]
-        pos = np.minimum(np.searchsorted(window.keys, lower), len(window.keys) - 1)
-        return np.where(window.keys[pos] == lower, window.bonus[pos], 0.0)  # PAD/UNK never match: no entry holds them
-
     def window_log_probs(self, n: int, i: int, history: np.ndarray, cand: np.ndarray, *, paired: bool = False) -> np.ndarray:
-        """log p_n of the lower n-grams ending at position i, whole (the two parts together; `bonus`'s arguments).
-        0 where the upper or lower window holds PAD/UNK."""
+        """log p_n of the lower n-grams ending at position i, whole (the two parts together; `BonusIndex.score`'s
+        arguments). 0 where the upper or lower window holds PAD/UNK."""
         window = self.windows.get((n, i))
         shape = (history.shape[0],) if paired else (history.shape[0], cand.shape[0])
         if window is None:
@@ -117,8 +102,7 @@ class LinePhrases:
         else:
             backoff = backoff[:, None] + self.uni[i, cand][None, :]
             known = known[:, None] & (cand > UNK)[None, :]
-        bonus = self.bonus(n, i, history, cand, paired=paired)
-        scores = backoff + window.constant + (0.0 if bonus is None else bonus)
+        scores = backoff + window.constant + self.bonus_index({n: 1.0}).score(i, history, cand, paired=paired)
         return np.where(known, scores, 0.0)
 
     def proposals(self, n: int, i: int) -> np.ndarray:
@@ -155,9 +139,10 @@ class BonusIndex:
             self.coefficients[i - n + 1 : i + 1, s] = line.memory.powers[n]
         self.offsets = np.array([offset for _, _, offset in slots], dtype=np.int64)
         # per position: the windows ending there (adjacent slots), as (coefficients of the earlier positions, offsets)
-        ends = [i for i, _, _ in slots]
-        self.ending = {i: (self.coefficients[:i, ends.index(i) : len(ends) - ends[::-1].index(i)],
-                           self.offsets[ends.index(i) : len(ends) - ends[::-1].index(i)]) for i in set(ends)}
+        ranges: dict[int, list[int]] = {}
+        for s, (i, _, _) in enumerate(slots):
+            ranges.setdefault(i, [s, s])[1] = s + 1
+        self.ending = {i: (self.coefficients[:i, a:b], self.offsets[a:b]) for i, (a, b) in ranges.items()}
 
     def _lookup(self, codes: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self.keys, codes)
